@@ -1,0 +1,288 @@
+"""The native decoder-only transformer: Llama 3.x, Qwen2/2.5, Qwen3 and Mistral in one module.
+
+Module names follow Hugging Face Llama (`layers.N.self_attn.q_proj`, `mlp.gate_proj`, ...), so the
+HF key table is the identity up to the `model.` prefix and LoRA targets read like PEFT's.
+RoPE uses HF's rotate-half layout, so checkpoints convert without permuting q/k rows.
+
+`__init__` only allocates: build under `torch.device("meta")`, shard or move with `to_empty`,
+then call `init_weights()` (or load a checkpoint). The model knows nothing about parallelism;
+train/parallel.py applies activation checkpointing, compile and FSDP2 from outside.
+
+Shapes: B batch, T query length, S key length, H query heads, K key/value heads, D head dim,
+C hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor, distribute_tensor = (), None
+
+try:  # FlexAttention block masks for packed sequences on GPU (torch >= 2.5).
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover
+    BlockMask, flex_attention = None, None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 and cast back before the scale, exactly as HF does, so bf16
+        # runs round the same way as the reference.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> Tensor:
+    """Inverse frequencies (D/2,), with Llama-3 scaling of the long wavelengths when configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    rope_type = rs.get("rope_type", rs.get("type"))
+    if rope_type != "llama3":
+        raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: llama3 (or none)")
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_len = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin tables (B, T, D) for integer positions (B, T), computed in float32."""
+    freqs = positions[:, :, None].float() * inv_freq[None, None, :].float()  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D) rotate-half layout
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, T, D); cos, sin (B, T, D)."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (B, K, max_len, D) each.
+
+    `pos` is how many positions are filled; a forward with T new tokens writes [pos, pos+T) and
+    attends to [0, pos+T). Batched prompts of different lengths are left-padded by the caller,
+    who passes a mask so padding is never attended.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        t = k.shape[2]
+        if self.pos + t > self.max_len:
+            raise ValueError(f"KV cache is full: {self.pos} + {t} positions > max_len {self.max_len}")
+        self.k[layer][:, :, self.pos : self.pos + t] = k
+        self.v[layer][:, :, self.pos : self.pos + t] = v
+        end = self.pos + t
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def select(self, batch_index: Tensor) -> None:
+        """Keep only some rows (finished sequences dropped from the batch)."""
+        self.k = [k[batch_index] for k in self.k]
+        self.v = [v[batch_index] for v in self.v]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        h, k, d, c = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(c, h * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(c, k * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(c, k * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(h * d, c, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache: KVCache | None) -> Tensor:
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, K, D)
+        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        gqa = cfg.num_kv_heads != cfg.num_heads
+        if BlockMask is not None and isinstance(mask, BlockMask):
+            y = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+        elif isinstance(mask, Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:
+            # No mask: plain causal over a fresh sequence, or one decoded token seeing the cache.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)  # (B, T, H*D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask=None, cache: KVCache | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Tied models have no lm_head module: the output uses embed_tokens.weight directly, so the
+        # state dict holds one tensor, as the HF safetensors file does.
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("rope_inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Every tensor's initial value, in one place. Residual output projections (o_proj,
+        down_proj) are scaled by 1/sqrt(2 * layers), as in GPT-2, so the residual stream's variance
+        does not grow with depth. Each tensor draws from its own generator seeded by (seed, index),
+        so the weights are the same whether the model is whole or sharded over any number of ranks."""
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for i, (name, p) in enumerate(self.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                _normal_(p, out_std, seed * 100_003 + i)
+            else:  # embeddings, q/k/v, gate/up, lm_head
+                _normal_(p, std, seed * 100_003 + i)
+        self.reset_rope()
+
+    @torch.no_grad()
+    def reset_rope(self) -> None:
+        """Recompute the RoPE buffer (it is not in checkpoints, and is empty after meta init)."""
+        device = self.embed_tokens.weight.device
+        if device.type == "meta":
+            device = self.rope_inv_freq.device
+        self.rope_inv_freq = rope_inv_freq(self.config, device=device)
+
+    def output_weight(self) -> Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or the final hidden states (B, T, C) when
+        return_hidden (losses that chunk the output projection use them).
+
+        position_ids (B, T): defaults to 0..T-1 after what the cache holds; packed sequences pass
+        positions restarting per document. attn_mask: a bool tensor broadcastable to (B, H, T, S)
+        (True = attend) or a FlexAttention BlockMask; None means causal.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            start = cache.pos if cache is not None else 0
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        if attn_mask is None and self.config.sliding_window is not None:
+            S = T + (cache.pos if cache is not None else 0)
+            if S > self.config.sliding_window:
+                valid = torch.ones(B, S, dtype=torch.bool, device=input_ids.device)
+                attn_mask = attention_mask(valid, T, self.config.sliding_window)
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_mask, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm(x)
+        if return_hidden:
+            return x
+        return F.linear(x, self.output_weight())  # (B, T, V)
+
+
+def attention_mask(kv_valid: Tensor, q_len: int, sliding_window: int | None = None) -> Tensor:
+    """Causal mask (B, 1, T, S) for the last `q_len` of S positions, where kv_valid (B, S) is False
+    on padding. A query always sees itself, so a padding row is never all-masked (SDPA would
+    return NaN there); what padding positions compute is ignored anyway."""
+    S = kv_valid.shape[1]
+    q_idx = torch.arange(S - q_len, S, device=kv_valid.device)[:, None]  # (T, 1)
+    k_idx = torch.arange(S, device=kv_valid.device)[None, :]  # (1, S)
+    allowed = k_idx <= q_idx
+    if sliding_window is not None:
+        allowed &= q_idx - k_idx < sliding_window
+    mask = allowed[None] & kv_valid[:, None, :]  # (B, T, S)
+    mask |= k_idx == q_idx
+    return mask[:, None]
+
+
+def packed_attention_mask(document_ids: Tensor) -> Tensor:
+    """Dense mask (B, 1, T, T) for packed rows: causal, and only within the same document.
+    document_ids (B, T) numbers the samples packed into each row."""
+    T = document_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    return (same_doc & causal)[:, None]
+
+
+def _normal_(p: Tensor, std: float, seed: int) -> None:
+    """Truncated normal init. A sharded (DTensor) parameter draws the full tensor on its device
+    and keeps its own shard, so every world size gets identical weights."""
+    full = p.full_tensor() if isinstance(p, DTensor) else p
+    device = full.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    values = torch.empty(full.shape, dtype=torch.float32, device=device)
+    nn.init.trunc_normal_(values, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=gen)
+    if isinstance(p, DTensor):
+        values = distribute_tensor(values, p.device_mesh, p.placements, src_data_rank=None)
+    p.copy_(values.to(p.dtype))
