@@ -1,0 +1,567 @@
+"""The pretraining token pipeline: text files -> token shards on disk -> (B, T) batches.
+
+Prepare once, then every pretraining run memory-maps the shards:
+
+    python -m train.data prepare --input train/assets/tinyshakespeare.txt --out data/shakespeare --vocab_size 4096
+    python -m train.data prepare --input a.jsonl.gz b.parquet --out data/web \
+        --tokenizer /path/to/hf_tokenizer_dir --workers 8
+
+Inputs: .txt (the whole file is one document), .jsonl / .jsonl.gz and .parquet (one document per
+record, read from --text_field). Every document becomes `encode(doc) + [eos]`; any BOS comes from
+the tokenizer's own post-processor. Without --tokenizer, a byte-level BPE tokenizer is trained
+on the inputs and saved in Hugging Face layout to DIR/tokenizer/.
+
+On disk, DIR holds raw little-endian token shards `train_00000.bin`, ..., `val_00000.bin` (uint16
+when every id fits, else uint32) and `meta.json`:
+    {"format_version": 1, "dtype": "uint16", "vocab_size": 50257, "eos_id": 50256,
+     "tokenizer": "/abs/path/to/tokenizer_dir", "num_docs": 3,
+     "shards": {"train": [{"file": "train_00000.bin", "tokens": 1234}], "val": [...]}}
+meta.json is written last, so a directory with a meta.json is complete.
+
+Validation split: every 1/val_fraction-th document goes to val (spread over the whole corpus, so
+val covers every input rather than only the last file). When the corpus has too few documents
+for that (one big text file), the last val_fraction of the token stream goes to val instead.
+
+Training reads `TokenWindows`: the split's tokens cut into non-overlapping windows of seq_len + 1
+tokens, in a seeded random order per epoch, sliced into global batches of batch_size x world_size
+windows of which each rank takes its own batch_size. Its state is (epoch, position in windows),
+so a resumed run continues exactly where it stopped, also on a different number of ranks as long
+as the global batch is the same.
+
+Deliberately left out: documents are not packed with attention masks (windows run across EOS, as
+in GPT-2 and nanoGPT); windows never cross shard boundaries (each shard loses < seq_len tokens);
+no deduplication, filtering or remote streaming; no DataLoader worker processes (a batch is a few
+memmap slices, cheaper than the IPC a worker would cost).
+"""
+
+import argparse
+import collections
+import gzip
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+FORMAT_VERSION = 1
+EOS_TOKEN = "<|endoftext|>"  # the special token of tokenizers that prepare trains itself
+CHUNK_CHARS = 1 << 20  # text per worker task: big enough to amortise IPC, small enough to stream
+
+
+# ----------------------------------------------------------------------------- reading documents
+
+def iter_documents(inputs, text_field="text"):
+    """Yield each non-empty document (a str) of the input files, in order."""
+    for path in map(Path, inputs):
+        name = path.name.lower()
+        if name.endswith(".txt"):
+            yield from _read_txt(path)
+        elif name.endswith((".jsonl", ".jsonl.gz")):
+            yield from _read_jsonl(path, text_field)
+        elif name.endswith(".parquet"):
+            yield from _read_parquet(path, text_field)
+        else:
+            raise ValueError(f"{path}: unsupported input type (use .txt, .jsonl, .jsonl.gz or .parquet)")
+
+
+def _read_txt(path):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e})") from None
+    if text:
+        yield text
+
+
+def _read_jsonl(path, text_field):
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"{path}:{line_no}: no field {text_field!r} (found {keys}); set --text_field")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{line_no}: field {text_field!r} is {type(text).__name__}, not a string")
+            if text:
+                yield text
+
+
+def _read_parquet(path, text_field):
+    try:
+        import pyarrow.parquet as pq  # optional: only parquet inputs need it
+    except ImportError:
+        raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    parquet = pq.ParquetFile(path)
+    columns = parquet.schema_arrow.names
+    if text_field not in columns:
+        raise ValueError(f"{path}: no column {text_field!r} (found {columns}); set --text_field")
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text:  # nulls and empty strings carry no text
+                yield text
+
+
+def _chunks(documents):
+    """Group documents into lists of about CHUNK_CHARS characters: one worker task each."""
+    chunk, chars = [], 0
+    for doc in documents:
+        chunk.append(doc)
+        chars += len(doc)
+        if chars >= CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+def load_tokenizer(tokenizer_dir):
+    """Load DIR/tokenizer.json and the id of the eos_token named in DIR/tokenizer_config.json."""
+    tokenizer_dir = Path(tokenizer_dir)
+    tokenizer_file = tokenizer_dir / "tokenizer.json"
+    config_file = tokenizer_dir / "tokenizer_config.json"
+    if not tokenizer_file.is_file():
+        raise FileNotFoundError(f"{tokenizer_file} not found: --tokenizer must be a Hugging Face tokenizer directory")
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    eos = config.get("eos_token")
+    if isinstance(eos, dict):  # older configs store an AddedToken as {"content": ...}
+        eos = eos.get("content")
+    if not eos:
+        raise ValueError(f"{config_file}: no eos_token; documents must be separated by an end-of-text token")
+    eos_id = tokenizer.token_to_id(eos)
+    if eos_id is None:
+        raise ValueError(f"{config_file}: eos_token {eos!r} is not in {tokenizer_file}")
+    return tokenizer, eos_id
+
+
+def train_tokenizer(inputs, out_dir, vocab_size, text_field="text"):
+    """Train a GPT-2 style byte-level BPE tokenizer on the inputs; save it in HF layout to out_dir."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise ValueError(f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 bytes + {EOS_TOKEN}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    # The full byte alphabet makes every string encodable, whatever bytes the corpus lacked.
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS_TOKEN], initial_alphabet=alphabet, show_progress=False
+    )
+    num_docs = 0
+
+    def counted(documents):
+        nonlocal num_docs
+        for doc in documents:
+            num_docs += 1
+            yield doc
+
+    tokenizer.train_from_iterator(counted(iter_documents(inputs, text_field)), trainer)
+    if num_docs == 0:
+        raise _empty_corpus_error(inputs, text_field)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    # What transformers' PreTrainedTokenizerFast reads, so the directory can ship with checkpoints.
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOS_TOKEN,
+        "bos_token": None,
+        "pad_token": None,
+        "unk_token": None,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return tokenizer
+
+
+def _encode_documents(tokenizer, docs, eos_id, dtype):
+    """Tokenize a list of documents -> (all ids with eos after each document, tokens per document)."""
+    encodings = tokenizer.encode_batch(docs)
+    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), np.int64, len(encodings))
+    ids = itertools.chain.from_iterable(e.ids + [eos_id] for e in encodings)
+    return np.fromiter(ids, dtype, int(lengths.sum())), lengths
+
+
+_worker = {}  # each worker process loads its own tokenizer once, in _worker_init
+
+
+def _worker_init(tokenizer_file, eos_id, dtype):
+    # The processes are the parallelism; tokenizers' own thread pool in each would oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker.update(tokenizer=Tokenizer.from_file(tokenizer_file), eos_id=eos_id, dtype=dtype)
+
+
+def _worker_encode(docs):
+    return _encode_documents(_worker["tokenizer"], docs, _worker["eos_id"], _worker["dtype"])
+
+
+def _encode_stream(inputs, text_field, tokenizer, tokenizer_file, eos_id, dtype, workers):
+    """Yield (ids, lengths) per chunk of documents, in input order."""
+    chunks = _chunks(iter_documents(inputs, text_field))
+    first_two = list(itertools.islice(chunks, 2))
+    chunks = itertools.chain(first_two, chunks)
+    if workers <= 1 or len(first_two) < 2:
+        # In this process (tokenizers still uses its own threads): a pool takes seconds to start,
+        # more than a one-chunk corpus such as tiny shakespeare takes to encode.
+        for docs in chunks:
+            yield _encode_documents(tokenizer, docs, eos_id, dtype)
+        return
+    # Not fork: the pretraining loop calls prepare() with CUDA and threads already live. Not spawn
+    # alone: every worker would import torch again. The fork server imports the heavy modules once.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(["numpy", "tokenizers", "torch"])
+    with context.Pool(workers, _worker_init, (str(tokenizer_file), eos_id, dtype)) as pool:
+        pending = collections.deque()
+        for docs in chunks:
+            pending.append(pool.apply_async(_worker_encode, (docs,)))
+            if len(pending) >= 2 * workers:  # bounded: a big corpus is never all in memory at once
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ----------------------------------------------------------------------------- writing shards
+
+class _ShardWriter:
+    """Appends tokens to DIR/{split}_00000.bin.tmp, ...; finish() renames them to their final names."""
+
+    def __init__(self, out_dir, split, dtype, shard_tokens):
+        self.out_dir, self.split, self.dtype, self.shard_tokens = Path(out_dir), split, np.dtype(dtype), shard_tokens
+        self.sizes = []  # tokens in each shard so far; shards open lazily, so an empty split has none
+        self.file = None
+
+    @property
+    def tokens(self):
+        return sum(self.sizes)
+
+    def _name(self, index):
+        return f"{self.split}_{index:05d}.bin"
+
+    def _tmp_path(self, index):
+        return self.out_dir / (self._name(index) + ".tmp")
+
+    def write(self, ids):
+        while len(ids):
+            if self.file is None or self.sizes[-1] == self.shard_tokens:
+                self._close()
+                self.sizes.append(0)
+                self.file = open(self._tmp_path(len(self.sizes) - 1), "wb")
+            n = min(len(ids), self.shard_tokens - self.sizes[-1])
+            self.file.write(ids[:n].astype(self.dtype, copy=False).tobytes())
+            self.sizes[-1] += n
+            ids = ids[n:]
+
+    def pop_tail(self, n):
+        """Remove the last n tokens written and return them (for the token-level val split)."""
+        self._close()
+        pieces = []
+        while n > 0:
+            index = len(self.sizes) - 1
+            take = min(n, self.sizes[index])
+            keep = self.sizes[index] - take
+            path = self._tmp_path(index)
+            pieces.append(np.fromfile(path, self.dtype, count=take, offset=keep * self.dtype.itemsize))
+            os.truncate(path, keep * self.dtype.itemsize)
+            self.sizes[index] = keep
+            n -= take
+            if keep == 0:
+                path.unlink()
+                self.sizes.pop()
+        return np.concatenate(pieces[::-1]) if pieces else np.zeros(0, self.dtype)
+
+    def finish(self):
+        self._close()
+        for index in range(len(self.sizes)):
+            os.replace(self._tmp_path(index), self.out_dir / self._name(index))
+        return [{"file": self._name(i), "tokens": tokens} for i, tokens in enumerate(self.sizes)]
+
+    def abort(self):
+        self._close()
+        for index in range(len(self.sizes)):
+            self._tmp_path(index).unlink(missing_ok=True)
+
+    def _close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _empty_corpus_error(inputs, text_field):
+    names = ", ".join(str(p) for p in inputs)
+    return ValueError(f"no documents (no tokens) in the inputs: {names} (text field {text_field!r})")
+
+
+def prepare(inputs, out_dir, tokenizer_dir=None, text_field="text", val_fraction=0.005, workers=None,
+            shard_tokens=100_000_000, vocab_size=4096, progress=True):
+    """Tokenize the input files into token shards and meta.json in out_dir; return the meta dict.
+
+    Without tokenizer_dir, a byte-level BPE tokenizer of vocab_size is trained on the inputs
+    first and saved to out_dir/tokenizer. workers=None uses every CPU; workers=1 stays in process.
+    """
+    inputs = [Path(p) for p in inputs]
+    if not inputs:
+        raise ValueError("prepare needs at least one input file")
+    for path in inputs:
+        if not path.is_file():
+            raise FileNotFoundError(f"input file not found: {path}")
+        if not path.name.lower().endswith((".txt", ".jsonl", ".jsonl.gz", ".parquet")):
+            raise ValueError(f"{path}: unsupported input type (use .txt, .jsonl, .jsonl.gz or .parquet)")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    workers = workers or os.cpu_count() or 1
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)  # until the new one is written, the directory is not complete
+
+    if tokenizer_dir is None:
+        tokenizer_dir = out_dir / "tokenizer"
+        if progress:
+            print(f"[prepare] training a byte-level BPE tokenizer, vocab {vocab_size}", file=sys.stderr)
+        train_tokenizer(inputs, tokenizer_dir, vocab_size, text_field)
+    tokenizer_dir = Path(tokenizer_dir).resolve()
+    tokenizer, eos_id = load_tokenizer(tokenizer_dir)
+    # One past the largest id, not the token count: some vocabularies have holes in their ids.
+    vocab = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    dtype = "uint16" if vocab <= 65535 else "uint32"
+    disk_dtype = np.dtype(dtype).newbyteorder("<")
+
+    writers = {split: _ShardWriter(out_dir, split, disk_dtype, shard_tokens) for split in ("train", "val")}
+    num_docs, num_tokens = 0, 0
+    start = last_report = time.time()
+    stream = _encode_stream(inputs, text_field, tokenizer, tokenizer_dir / "tokenizer.json", eos_id,
+                            disk_dtype, workers)
+    try:
+        for ids, lengths in stream:
+            # Document d is val when d * val_fraction crosses an integer: exactly every
+            # 1/val_fraction-th document, deterministic and spread over the whole corpus.
+            doc = np.arange(num_docs, num_docs + len(lengths))
+            is_val = np.floor((doc + 1) * val_fraction) > np.floor(doc * val_fraction)
+            token_is_val = np.repeat(is_val, lengths)
+            writers["train"].write(ids[~token_is_val])
+            writers["val"].write(ids[token_is_val])
+            num_docs += len(lengths)
+            num_tokens += len(ids)
+            if progress and time.time() - last_report >= (1.0 if sys.stderr.isatty() else 30.0):
+                last_report = time.time()
+                _report(num_docs, num_tokens, start, final=False)
+        if num_docs == 0:
+            raise _empty_corpus_error(inputs, text_field)
+        if writers["val"].tokens == 0 and val_fraction > 0:
+            # Too few documents to hold some out (one big .txt): hold out the end of the stream.
+            tail = writers["train"].pop_tail(int(writers["train"].tokens * val_fraction))
+            writers["val"].write(tail)
+        shards = {split: writer.finish() for split, writer in writers.items()}
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        stream.close()  # stops the worker pool now, not when the traceback is collected
+    if progress:
+        _report(num_docs, num_tokens, start, final=True)
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype,
+        "vocab_size": vocab,
+        "eos_id": eos_id,
+        "tokenizer": str(tokenizer_dir),
+        "num_docs": num_docs,
+        "shards": shards,
+    }
+    tmp = out_dir / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, out_dir / "meta.json")
+    return meta
+
+
+def _report(num_docs, num_tokens, start, final):
+    rate = num_tokens / max(time.time() - start, 1e-9)
+    # Rewrite one line on a terminal; in a log file, one line per report.
+    end = "\n" if final or not sys.stderr.isatty() else ""
+    print(f"\r[prepare] {num_docs:,} docs  {num_tokens:,} tokens  {rate:,.0f} tokens/s", end=end,
+          file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- reading shards
+
+def load_meta(data_dir):
+    """Read DIR/meta.json and check that every shard it lists is on disk with the right size."""
+    data_dir = Path(data_dir)
+    meta_file = data_dir / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file} not found: run `python -m train.data prepare --out {data_dir} ...`")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_file}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split, shards in meta["shards"].items():
+        for shard in shards:
+            path = data_dir / shard["file"]
+            expected = shard["tokens"] * itemsize
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: shard listed in {meta_file} is missing")
+            if path.stat().st_size != expected:
+                raise ValueError(f"{path}: {path.stat().st_size} bytes, but {meta_file} says {shard['tokens']} "
+                                 f"{meta['dtype']} tokens ({expected} bytes); the shard is truncated or stale")
+    return meta
+
+
+class TokenWindows:
+    """(input_ids, targets) batches of shape (batch_size, seq_len) from one split's token shards.
+
+    The split is cut into non-overlapping windows of seq_len + 1 tokens starting every seq_len
+    tokens, within each shard. Each epoch visits the windows in a permutation seeded by (seed,
+    epoch); global batch i is windows [i*G, (i+1)*G) of it with G = batch_size * world_size, and
+    rank r takes the r-th batch_size of those. The windows left over at an epoch's end (< G) are
+    skipped, and a new permutation starts.
+    """
+
+    def __init__(self, data_dir, split, seq_len, batch_size, rank=0, world_size=1, seed=0, pin_memory=False):
+        self.data_dir = Path(data_dir)
+        meta = load_meta(self.data_dir)
+        if split not in meta["shards"]:
+            raise ValueError(f"{self.data_dir / 'meta.json'} has no split {split!r} (has {list(meta['shards'])})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
+        self.rank, self.world_size, self.seed, self.pin_memory = rank, world_size, seed, pin_memory
+        self.meta = meta
+        dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+        shards = [s for s in meta["shards"][split] if s["tokens"] > 0]
+        self.shards = [np.memmap(self.data_dir / s["file"], dtype=dtype, mode="r") for s in shards]
+        self.tokens = sum(s["tokens"] for s in shards)
+        # Window w of the split is window w - first[k] of shard k, for first[k] <= w < first[k + 1].
+        windows_per_shard = [max(0, (len(m) - 1) // seq_len) for m in self.shards]
+        self._first = np.cumsum([0] + windows_per_shard)
+        self.num_windows = int(self._first[-1])
+        global_batch = batch_size * world_size
+        if self.num_windows < global_batch:
+            raise ValueError(
+                f"the {split!r} split of {self.data_dir} has {self.tokens:,} tokens in {len(shards)} shards, "
+                f"{self.num_windows} windows of seq_len {seq_len}; one global batch (batch_size {batch_size} x "
+                f"world_size {world_size}) needs {global_batch} windows, about {global_batch * seq_len + 1:,} "
+                f"tokens. Use more data, a smaller batch or a shorter seq_len")
+        self.epoch, self.position = 0, 0  # position counts global windows already served this epoch
+        self._order, self._order_epoch = None, None
+
+    def _permutation(self, epoch):
+        if self._order_epoch != epoch:  # one (num_windows,) int64 array, made once per epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_batch(self):
+        """This rank's part of the next global batch: (input_ids, targets), each (B, T) int64."""
+        global_batch = self.batch_size * self.world_size
+        if self.position + global_batch > self.num_windows:
+            self.epoch, self.position = self.epoch + 1, 0
+        start = self.position + self.rank * self.batch_size
+        windows = self._permutation(self.epoch)[start:start + self.batch_size]
+        self.position += global_batch
+        return self._gather(windows)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.next_batch()
+
+    def iter_eval(self, max_batches=None):
+        """The split's first global batches in order, without shuffling and without touching the
+        training position: the same validation set at every evaluation."""
+        global_batch = self.batch_size * self.world_size
+        num_batches = self.num_windows // global_batch
+        if max_batches is not None:
+            num_batches = min(num_batches, max_batches)
+        for i in range(num_batches):
+            start = i * global_batch + self.rank * self.batch_size
+            yield self._gather(np.arange(start, start + self.batch_size))
+
+    def _gather(self, windows):
+        shard_of = np.searchsorted(self._first, windows, side="right") - 1
+        rows = []
+        for window, shard in zip(windows.tolist(), shard_of.tolist()):
+            offset = (window - int(self._first[shard])) * self.seq_len
+            rows.append(self.shards[shard][offset:offset + self.seq_len + 1])
+        tokens = np.stack(rows)  # (B, T + 1)
+        input_ids = torch.from_numpy(tokens[:, :-1].astype(np.int64))  # (B, T)
+        targets = torch.from_numpy(tokens[:, 1:].astype(np.int64))  # (B, T), shifted by one
+        if self.pin_memory:
+            input_ids, targets = input_ids.pin_memory(), targets.pin_memory()
+        return input_ids, targets
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state):
+        """Continue where a saved run stopped; its seed wins, so the data order is the saved run's."""
+        self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
+        self._order_epoch = None
+
+
+def unigram_baseline(data_dir):
+    """Cross-entropy (nats/token) of the validation split under the training split's unigram
+    distribution (add-one smoothed): the loss of a model that ignores context. A language model
+    that learned anything beats it."""
+    data_dir = Path(data_dir)
+    meta = load_meta(data_dir)
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    vocab = meta["vocab_size"]
+
+    def counts(split):
+        c = np.zeros(vocab, dtype=np.int64)
+        for shard in meta["shards"][split]:
+            c += np.bincount(np.memmap(data_dir / shard["file"], dtype=dtype, mode="r"), minlength=vocab)[:vocab]
+        return c
+
+    train, val = counts("train"), counts("val")
+    log_p = np.log(train + 1.0) - np.log(train.sum() + vocab)
+    return float(-(val * log_p).sum() / max(val.sum(), 1))
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m train.data", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("prepare", help="tokenize text files into token shards")
+    p.add_argument("--input", nargs="+", required=True, help=".txt, .jsonl, .jsonl.gz or .parquet files")
+    p.add_argument("--out", required=True, help="output directory for shards and meta.json")
+    p.add_argument("--tokenizer", default=None, help="HF tokenizer directory; omitted: train a BPE tokenizer")
+    p.add_argument("--text_field", default="text", help="JSON field / parquet column holding the text")
+    p.add_argument("--val_fraction", type=float, default=0.005, help="fraction of documents held out")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all CPUs)")
+    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard file")
+    p.add_argument("--vocab_size", type=int, default=4096, help="vocabulary of a trained tokenizer")
+    args = parser.parse_args(argv)
+    meta = prepare(args.input, args.out, tokenizer_dir=args.tokenizer, text_field=args.text_field,
+                   val_fraction=args.val_fraction, workers=args.workers, shard_tokens=args.shard_tokens,
+                   vocab_size=args.vocab_size)
+    counts = {split: sum(s["tokens"] for s in shards) for split, shards in meta["shards"].items()}
+    print(f"wrote {args.out}: {meta['num_docs']:,} docs, train {counts['train']:,} / val {counts['val']:,} "
+          f"tokens, {meta['dtype']}, vocab {meta['vocab_size']}")
+
+
+if __name__ == "__main__":
+    main()
