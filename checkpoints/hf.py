@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model.config import ModelConfig
@@ -96,6 +96,8 @@ def native_to_hf_key(key: str, model_type: str) -> str | None:
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """Translate a config.json dict. Fields that would change the math and that we do not
     implement raise an error naming the field, rather than being silently ignored."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -104,6 +106,14 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
 
     def unsupported(field: str, value, why: str):
         raise ValueError(f"{source}: unsupported {field}={value!r} ({why})")
+
+    def required(field: str) -> int:
+        value = hf.get(field)
+        if field not in hf:
+            raise ValueError(f"{source}: missing required field {field}")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{source}: field {field} must be a positive integer, got {value!r}")
+        return value
 
     if hf.get("hidden_act", "silu") != "silu":
         unsupported("hidden_act", hf["hidden_act"], "only silu (SwiGLU) is implemented")
@@ -129,18 +139,18 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         elif kind != "llama3":
             unsupported("rope_scaling.rope_type", kind, "supported: llama3 or none")
         else:
-            scaling = {
-                "rope_type": "llama3",
-                **{k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                           "original_max_position_embeddings")},
-            }
+            fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            missing = [k for k in fields if k not in scaling]
+            if missing:
+                raise ValueError(f"{source}: llama3 rope scaling lacks {', '.join(missing)}")
+            scaling = {"rope_type": "llama3", **{k: scaling[k] for k in fields}}
 
     if model_type == "qwen2":
         bias = True  # Qwen2 always has q/k/v bias; the field is absent from its config.json
     else:
         bias = bool(hf.get("attention_bias", False))
     sliding = hf.get("sliding_window") if model_type == "mistral" else None
-    heads = hf["num_attention_heads"]
+    heads = required("num_attention_heads")
     known = {
         "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
@@ -151,13 +161,13 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     }
     return ModelConfig(
         model_type=model_type,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
+        vocab_size=required("vocab_size"),
+        hidden_size=required("hidden_size"),
+        intermediate_size=required("intermediate_size"),
+        num_layers=required("num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        head_dim=hf.get("head_dim") or required("hidden_size") // heads,
         max_seq_len=hf.get("max_position_embeddings", 4096),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
@@ -219,15 +229,23 @@ def resolve_checkpoint(path_or_repo: str | os.PathLike) -> Path:
     name = str(path_or_repo)
     if path.exists():
         raise ValueError(f"checkpoint {name} is a file; expected a Hugging Face model directory")
-    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", name):
+    if not re.fullmatch(r"\w[\w.\-]*/\w[\w.\-]*", name):  # not ./x or ../x
         raise FileNotFoundError(f"checkpoint {name}: no such directory, and not a Hub repo id (org/name)")
+    return download(name)
+
+
+def download(repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Fetch a Hub repo's weights, configs and tokenizer files (HUB_PATTERNS) into the HF cache and
+    return its local snapshot directory. With HF_HUB_OFFLINE=1 only the cache is looked at."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # offline, unknown repo, gated model: say which and why
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated model: say which and why, on one line
+        why = " ".join(str(e).split())
         raise FileNotFoundError(
-            f"checkpoint {name}: not a local directory, and fetching it from the Hub failed: {e}"
+            f"checkpoint {repo_id}: not found locally, and fetching it from the Hugging Face Hub failed "
+            f"({type(e).__name__}): {why}"
         ) from e
 
 
@@ -245,7 +263,10 @@ def weight_files(ckpt_dir: Path) -> list[Path]:
     """The safetensors files of a checkpoint, from its index when sharded."""
     index = ckpt_dir / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(read_json(index)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no weight_map object")
+        names = sorted(set(weight_map.values()))
         files = [ckpt_dir / n for n in names]
         missing = [str(f) for f in files if not f.exists()]
         if missing:
@@ -266,9 +287,7 @@ def iter_hf_tensors(ckpt_dir: Path):
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():
                     yield file, key, f.get_tensor(key)
-        except Exception as e:
-            if "SafetensorError" not in type(e).__name__ and not isinstance(e, (OSError, ValueError)):
-                raise
+        except (SafetensorError, OSError) as e:
             raise ValueError(f"{file}: cannot read safetensors file (truncated or corrupt?): {e}") from None
 
 
@@ -413,3 +432,22 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@torch.no_grad()
+def load_hf_weights_(model: GPT, path: str | os.PathLike) -> None:
+    """Copy a checkpoint's weights into a materialised model, in place. Sharded (FSDP2 DTensor)
+    parameters keep only their own shard, cut from the memory-mapped full tensor, so no rank
+    holds a second full copy of the model."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    ckpt_dir = resolve_checkpoint(path)
+    params = model.state_dict()
+    for key, full in read_hf_state(ckpt_dir, model).items():
+        target = params[key]
+        if isinstance(target, DTensor):
+            full = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements,
+                                     src_data_rank=None)
+        target.copy_(full)
+    model.reset_rope()
+    model.source_dir = str(ckpt_dir)
