@@ -1,0 +1,317 @@
+"""LoRA as a module swap: targeted nn.Linear layers become LoRALinear, everything else is frozen.
+
+    apply_lora(model, ["q_proj", "v_proj"], r=16, alpha=32)   # or "all-linear"
+    quantize_base_nf4(model)                                    # optional: QLoRA
+    with disable_lora(model): ref_logits = model(ids)           # DPO / GRPO reference model
+    merge_lora(model); save_hf(model, "out")                    # plain model again
+
+LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685): y = x W^T + b + (alpha / r) x A^T B^T, with
+A (r, in) random and B (out, r) zero, so training starts from the base model. rsLoRA (Kalajdzievski
+2023, https://arxiv.org/abs/2312.03732) scales by alpha / sqrt(r) instead. QLoRA (Dettmers et al.
+2023, https://arxiv.org/abs/2305.14314) stores the frozen W as 4-bit NormalFloat (torchao's NF4Tensor).
+
+LoRALinear holds `weight` and `bias` itself rather than wrapping the old module, so the base keys
+(`layers.0.self_attn.q_proj.weight`) are unchanged and checkpoints/hf.py's key table still applies;
+the adapters add `...q_proj.lora_A` and `...q_proj.lora_B`. Deliberately left out: DoRA, LoRA on
+embeddings or lm_head, per-layer ranks, several named adapters at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import math
+import sys
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor, distribute_tensor = (), None
+
+# The linear layers LoRA may target, named as in HF Llama, so PEFT configs read the same.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Where torchao keeps NF4Tensor, to_nf4 and linear_nf4: newer releases (0.18 here) moved the module
+# under quantization/ (and re-export NF4Tensor and to_nf4, but not linear_nf4, from
+# torchao.quantization); older ones, the releases torchtune's QLoRA was written against, have
+# torchao.dtypes.nf4tensor.
+_NF4_MODULES = (
+    "torchao.quantization.quantize_.workflows.nf4.nf4_tensor",
+    "torchao.dtypes.nf4tensor",
+)
+
+
+@functools.cache
+def torchao_nf4():
+    """torchao's NF4 module. Imported on first use only: importing torchao takes seconds, and
+    plain LoRA does not need it."""
+    tried = []
+    for name in _NF4_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError as e:
+            tried.append(f"{name} ({e})")
+            continue
+        if all(hasattr(mod, attr) for attr in ("NF4Tensor", "to_nf4", "linear_nf4")):
+            return mod
+        tried.append(f"{name} (lacks NF4Tensor, to_nf4 or linear_nf4)")
+    raise ImportError("QLoRA needs torchao's NF4 tensor (pip install torchao); tried: " + "; ".join(tried))
+
+
+def is_nf4(t: Tensor) -> bool:
+    """True for a torchao NF4Tensor. Looks only at modules already imported: if torchao's NF4
+    module was never imported, no NF4Tensor can exist, and plain LoRA never pays for the import."""
+    for name in _NF4_MODULES:
+        mod = sys.modules.get(name)
+        if mod is not None and isinstance(t, mod.NF4Tensor):
+            return True
+    return False
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (weight, optional bias; weight may be NF4) plus a trainable
+    low-rank update lora_B @ lora_A, scaled by alpha / r (or alpha / sqrt(r) with rsLoRA)."""
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        self.out_features, self.in_features = weight.shape
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.weight = weight
+        self.bias = bias
+        # Allocated on the base weight's device (meta included) and dtype; NF4 weights report the
+        # dtype they dequantize to. Values come from init_lora_weights or a checkpoint.
+        factory = dict(device=weight.device, dtype=weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False  # the update has been added into weight
+        self.disabled = False  # set by disable_lora(): behave as the base layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **lora) -> "LoRALinear":
+        # The same Parameter objects move over, so nothing is copied and a meta model stays meta.
+        return cls(linear.weight, linear.bias, **lora)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if is_nf4(self.weight):
+            # Dequantizes block by block into x's dtype; the NF4 weight never gets a gradient.
+            out = torchao_nf4().linear_nf4(x, self.weight)
+            if self.bias is not None:
+                out = out + self.bias.to(out.dtype)
+        else:
+            out = F.linear(x, self.weight, self.bias)
+        if self.merged or self.disabled:
+            return out
+        # Adapters may be kept in a wider dtype than the activations (float32 adapters over a bf16
+        # base), so the input is cast to theirs and the update back, as PEFT does.
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        return out + (F.linear(h, self.lora_B) * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> Tensor:
+        """scaling * B @ A, (out, in), in float32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update into weight (rounded to weight's dtype), so forward is one matmul."""
+        if self.merged:
+            return
+        if is_nf4(self.weight):
+            raise ValueError("cannot merge into an NF4 weight in place; merge_lora(model) dequantizes instead")
+        self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again. In bf16 the round trip is not bit-exact."""
+        if not self.merged:
+            return
+        self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        nf4 = ", nf4" if is_nf4(self.weight) else ""
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, r={self.r}, "
+                f"alpha={self.alpha}, rslora={self.use_rslora}{nf4}, merged={self.merged}")
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def target_module_names(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Names of the linear layers `targets` selects, matched as PEFT does: a target is a leaf name
+    (q_proj) or any dotted tail of a module name (layers.0.self_attn.q_proj). "all-linear" is every
+    projection inside the blocks; the output layer is never a target (PEFT's rule too)."""
+    candidates = [n for n, m in model.named_modules()
+                  if isinstance(m, (nn.Linear, LoRALinear)) and n.rpartition(".")[2] in LORA_TARGETS]
+    if targets == "all-linear":
+        return candidates
+    if isinstance(targets, str):
+        targets = [targets]
+    chosen = set()
+    for t in targets:
+        hits = [n for n in candidates if n == t or n.endswith("." + t)]
+        if not hits:
+            raise ValueError(f"LoRA target {t!r} matches no layer; valid targets: "
+                             f"{', '.join(LORA_TARGETS)} (or dotted names ending in one), or 'all-linear'")
+        chosen.update(hits)
+    return [n for n in candidates if n in chosen]
+
+
+def apply_lora(
+    model: nn.Module,
+    targets: list[str] | str,
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    seed: int = 0,
+) -> nn.Module:
+    """Swap the targeted nn.Linear layers for LoRALinear in place and freeze all but the adapters.
+    On a materialised model the adapters are initialised at once; on a meta model call
+    init_lora_weights after to_empty (and after loading base weights: GPT.init_weights would draw
+    the adapters as ordinary weights)."""
+    for name in target_module_names(model, targets):
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"{name} already has a LoRA adapter")
+        model.set_submodule(name, LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout,
+                                                         use_rslora=use_rslora))
+    mark_only_lora_trainable(model)
+    if not any(p.is_meta for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)):
+        init_lora_weights(model, seed)
+    return model
+
+
+def mark_only_lora_trainable(model: nn.Module) -> int:
+    """requires_grad on lora_A / lora_B only; returns the number of trainable elements."""
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith((".lora_A", ".lora_B")))
+        n += p.numel() if p.requires_grad else 0
+    return n
+
+
+@torch.no_grad()
+def init_lora_weights(model: nn.Module, seed: int = 0) -> None:
+    """PEFT's default init, adapters only: A ~ kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(in),
+    1/sqrt(in)), and B = 0. Each A draws from its own generator seeded by (seed, index), so the
+    values are the same whole or sharded, as in GPT.init_weights."""
+    for i, (_, m) in enumerate(lora_modules(model)):
+        _uniform_(m.lora_A, 1.0 / math.sqrt(m.in_features), seed * 100_003 + i)
+        m.lora_B.zero_()
+        m.merged = False
+
+
+def _uniform_(p: Tensor, bound: float, seed: int) -> None:
+    """U(-bound, bound). A sharded (DTensor) parameter draws the full tensor and keeps its shard."""
+    full = p.full_tensor() if isinstance(p, DTensor) else p
+    gen = torch.Generator(device=full.device).manual_seed(seed)
+    values = torch.empty(full.shape, dtype=torch.float32, device=full.device)
+    values.uniform_(-bound, bound, generator=gen)
+    if isinstance(p, DTensor):
+        values = distribute_tensor(values, p.device_mesh, p.placements, src_data_rank=None)
+    p.copy_(values.to(p.dtype))
+
+
+@contextlib.contextmanager
+def disable_lora(model: nn.Module):
+    """Inside the block every LoRALinear returns its base output: the frozen reference policy of
+    DPO / GRPO without a second copy of the weights."""
+    modules = [m for _, m in lora_modules(model)]
+    if any(m.merged for m in modules):
+        raise ValueError("disable_lora on a merged model: unmerge first (the base weights are overwritten)")
+    previous = [m.disabled for m in modules]
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(modules, previous):
+            m.disabled = was
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight and put plain nn.Linear layers back, in place, so the
+    model saves with checkpoints.hf.save_hf. NF4 weights are dequantized to their original dtype."""
+    for name, m in list(lora_modules(model)):
+        weight = m.weight
+        if is_nf4(weight):
+            weight = weight.get_original_weight()
+        weight = weight.detach()
+        if not m.merged:
+            weight = (weight.float() + m.delta_weight()).to(weight.dtype)
+        # Built on meta and then handed the merged tensors, so nothing is allocated twice.
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if m.bias is not None:
+            linear.bias = m.bias
+        model.set_submodule(name, linear)
+    for m in model.modules():  # layers quantize_base_nf4(all_linear=True) reached without an adapter
+        if isinstance(m, nn.Linear) and is_nf4(m.weight):
+            m.weight = nn.Parameter(m.weight.get_original_weight(), requires_grad=False)
+    return model
+
+
+@torch.no_grad()
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter tensors only, as full tensors under native names (`layers.0.self_attn.q_proj.lora_A`).
+    On a sharded model every rank must call it (DTensors are gathered)."""
+    out = {}
+    for name, m in lora_modules(model):
+        for part in ("lora_A", "lora_B"):
+            t = getattr(m, part)
+            out[f"{name}.{part}"] = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+    return out
+
+
+@torch.no_grad()
+def quantize_base_nf4(
+    model: nn.Module,
+    block_size: int = 64,
+    scaler_block_size: int = 256,
+    dtype: torch.dtype = torch.bfloat16,
+    all_linear: bool = False,
+) -> nn.Module:
+    """QLoRA: store the frozen base weights of the LoRA layers (with all_linear, of every linear
+    layer inside the blocks) as NF4, in place. Each weight is first cast to `dtype`, the dtype it
+    dequantizes to in the matmul. Each weight's numel must divide into blocks of block_size, and
+    its number of blocks into groups of scaler_block_size (the double-quantized block scales).
+    Cast the model (model.to(dtype)) before this, not after: Tensor.to(dtype) dequantizes NF4."""
+    nf4 = torchao_nf4()
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) or (all_linear and isinstance(m, nn.Linear)
+                                          and name.rpartition(".")[2] in LORA_TARGETS):
+            if is_nf4(m.weight):
+                continue
+            numel = m.weight.numel()
+            if numel % block_size or (numel // block_size) % scaler_block_size:
+                raise ValueError(
+                    f"{name}.weight {tuple(m.weight.shape)}: {numel} elements do not split into blocks of "
+                    f"{block_size} in groups of scaler_block_size={scaler_block_size}; choose smaller sizes"
+                )
+            q = nf4.to_nf4(m.weight.detach().to(dtype).contiguous(), block_size, scaler_block_size)
+            # A plain nn.Linear still works: torchao routes F.linear on an NF4Tensor to linear_nf4.
+            m.weight = nn.Parameter(q, requires_grad=False)
+    return model

@@ -1,0 +1,196 @@
+"""Generation vs transformers' generate (tiny random models and the trained stories260K), the
+sampler's distribution, stop tokens, and the command line."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+import model.generate as gen
+from checkpoints.hf import load_hf
+from model.generate import generate, sample_next
+from tests.conftest import ROOT, shared
+from tests.hf_reference import make_hf_model
+
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def stories():
+    """(our model, transformers' model) on the real stories260K weights."""
+    path = shared("stories260k/hf")
+    return load_hf(path).eval(), transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _tiny(name, tmp_path):
+    ref = make_hf_model(name)
+    ref.save_pretrained(tmp_path)
+    return load_hf(tmp_path).eval(), ref
+
+
+def _random_prompts(vocab_size, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_greedy(ref, prompts, max_new_tokens, eos_token_id=None):
+    """transformers' greedy generate on a left-padded batch built by hand (no tokenizer)."""
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    ref.generation_config.eos_token_id = eos_token_id  # None: never stop early, every row gets all tokens
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                           pad_token_id=PAD)
+    return out[:, P:].tolist()
+
+
+# ----------------------------------------------------------------------------- parity with transformers
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_greedy_batch_matches_transformers(name, use_cache, tmp_path):
+    ours, ref = _tiny(name, tmp_path)
+    prompts = _random_prompts(ref.config.vocab_size, [5, 11, 1, 8])  # different lengths: left padding
+    expected = _hf_greedy(ref, prompts, 20)
+    assert [len(e) for e in expected] == [20] * 4
+    assert generate(ours, prompts, 20, pad_id=PAD, use_cache=use_cache) == expected
+
+
+def test_stories260k_greedy_matches_transformers(stories):
+    from model.tokenizer import Tokenizer
+
+    ours, ref = stories
+    tok = Tokenizer.from_dir(shared("stories260k/hf"))
+    prompts = [[1], tok.encode("Tom had a red ball. He", add_special_tokens=True)]
+    assert prompts[1][0] == 1  # the Llama post-processor added BOS
+    expected = []
+    for p in prompts:  # one at a time, so the reference involves no padding at all
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([p]), max_new_tokens=100, do_sample=False, eos_token_id=1,
+                               pad_token_id=PAD)
+        expected.append(out[0, len(p):].tolist())
+    got = generate(ours, prompts, 100, stop_ids=[1])  # the model ends a story with BOS (id 1)
+    assert got == expected
+    assert all(len(g) >= 50 for g in got)
+
+    story = tok.decode(got[0])
+    assert story.startswith("Once upon a time")
+    words = story.split()
+    assert all(w.strip(".,!?\"'").replace("'", "").isalpha() for w in words), story
+    assert {"the", "was", "to", "a"} <= {w.strip(".,!?\"'").lower() for w in words}, story
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_sampling_is_reproducible_and_consistent(stories):
+    ours, _ = stories
+    prompts = [[1], [1, 415, 263], [1, 9, 10, 11, 12]]
+    kw = dict(max_new_tokens=40, temperature=1.0)
+    a = generate(ours, prompts, seed=0, **kw)
+    assert generate(ours, prompts, seed=0, **kw) == a
+    assert generate(ours, prompts, generator=torch.Generator().manual_seed(0), **kw) == a
+    assert generate(ours, prompts, seed=1, **kw) != a
+    # The cache changes nothing: the same draws from the same logits.
+    assert generate(ours, prompts, seed=0, use_cache=False, **kw) == a
+
+    greedy = generate(ours, prompts, 40)
+    assert generate(ours, prompts, 40, temperature=1.0, top_k=1, seed=0) == greedy
+    assert generate(ours, prompts, 40, temperature=1.0, top_p=1e-6, seed=0) == greedy
+    assert generate(ours, prompts, 40, temperature=2.0, seed=0) != greedy
+
+
+def _sampled_frequencies(logits, n=20_000, seed=0, **kw):
+    tokens = sample_next(logits.expand(n, -1), generator=torch.Generator().manual_seed(seed), **kw)
+    return torch.bincount(tokens, minlength=logits.shape[-1]).double() / n
+
+
+def _chi_square(freq, probs, n=20_000):
+    keep = probs > 0
+    return (n * (freq[keep] - probs[keep]) ** 2 / probs[keep]).sum().item()
+
+
+def test_sample_next_matches_softmax_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    for temperature in (1.0, 0.5):
+        probs = (logits[0].double() / temperature).softmax(-1)
+        freq = _sampled_frequencies(logits, temperature=temperature)
+        # 5 degrees of freedom: chi-square above 30 has probability below 1e-5.
+        assert _chi_square(freq, probs) < 30, (temperature, freq, probs)
+
+
+def test_sample_next_top_k_and_top_p_supports():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    probs = logits[0].double().softmax(-1)
+
+    freq = _sampled_frequencies(logits, temperature=1.0, top_k=2)
+    assert freq[2:].sum() == 0  # never outside the top 2
+    top2 = torch.cat([probs[:2] / probs[:2].sum(), torch.zeros(4, dtype=torch.double)])
+    assert _chi_square(freq, top2) < 20
+
+    # p = [0.561, 0.206, 0.125, 0.076, ...]: the first two hold 0.767 >= 0.75, the first alone 0.561.
+    freq = _sampled_frequencies(logits, temperature=1.0, top_p=0.75)
+    assert freq[2:].sum() == 0
+    assert _chi_square(freq, top2) < 20
+    freq = _sampled_frequencies(logits, temperature=1.0, top_p=0.85)  # now the third is needed
+    assert freq[:3].min() > 0 and freq[3:].sum() == 0
+
+
+def test_sample_next_draws_what_multinomial_draws():
+    """sample_next avoids torch.multinomial's host sync but must make the same draws."""
+    logits = torch.randn(7, 50, generator=torch.Generator().manual_seed(0))
+    ours = sample_next(logits, temperature=0.7, generator=torch.Generator().manual_seed(5))
+    expected = torch.multinomial((logits / 0.7).softmax(-1), 1, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(ours, expected[:, 0])
+
+
+# ----------------------------------------------------------------------------- stop tokens
+
+
+def test_stop_token_ends_its_row_only(tmp_path):
+    ours, ref = _tiny("llama", tmp_path)
+    prompts = _random_prompts(ref.config.vocab_size, [6, 3, 9], seed=1)
+    free = generate(ours, prompts, 20)
+    stop = free[0][0]  # row 0's first greedy token: row 0 stops at once
+    expected = [row[: row.index(stop) + 1] if stop in row else row for row in free]
+    assert expected[0] == [stop] and any(len(row) == 20 for row in expected)
+    assert generate(ours, prompts, 20, stop_ids={stop}) == expected
+    assert generate(ours, prompts, 20, stop_ids={stop}, use_cache=False) == expected
+    # Same as transformers, whose batch also stops row by row (it pads finished rows).
+    hf = _hf_greedy(ref, prompts, 20, eos_token_id=stop)
+    assert [row[: len(e)] for row, e in zip(hf, expected)] == expected
+
+
+def test_generation_ends_early_when_every_row_stopped(tmp_path):
+    ours, ref = _tiny("qwen3", tmp_path)
+    prompts = _random_prompts(ref.config.vocab_size, [4, 7])
+    firsts = {row[0] for row in generate(ours, prompts, 1)}
+    calls = []
+    handle = ours.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = generate(ours, prompts, 200, stop_ids=firsts)
+    finally:
+        handle.remove()
+    assert all(len(row) == 1 and row[0] in firsts for row in out)
+    assert len(calls) <= gen.CHECK_FINISHED_EVERY  # not 200 forwards
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_cli_generates_text():
+    if not (ROOT / "model" / "tokenizer.py").exists():
+        pytest.skip("model/tokenizer.py is not written yet")
+    ckpt = shared("stories260k/hf")
+    cmd = [sys.executable, "-m", "model.generate", "--checkpoint", str(ckpt), "--prompt", "Once upon a time",
+           "--prompt", "Tom", "--max_new_tokens", "20"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.split("-" * 40)[0].strip()
+    assert first.startswith("Once upon a time") and len(re.findall(r"[A-Za-z]+", first)) > 8, result.stdout
+    assert "tokens/s" in result.stderr

@@ -1,0 +1,138 @@
+"""Typed configuration shared by every loop, parsed by jsonargparse.
+
+Each loop defines its own top-level dataclass from these parts, so `--help` lists every field with
+the docstring written under it, a YAML file sets any of them, and dotted flags override:
+
+    python -m train.pretrain --config configs/pretrain/shakespeare.yaml --optim.lr 3e-4
+    python -m train.pretrain --config ... --print_config     # the resolved YAML
+
+Unknown keys and wrong types are errors naming the key. Helpers take the part they need
+(`build_optimizer(model, cfg.optim)`), never the whole config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from jsonargparse import ArgumentParser, set_parsing_settings
+
+
+@dataclass
+class ModelSpec:
+    """Which network to train."""
+
+    preset: str | None = None
+    """A named shape from model/config.py (random init), e.g. tiny, llama-3.2-1b."""
+    checkpoint: str | None = None
+    """A Hugging Face model directory or Hub repo id to start from (overrides preset)."""
+    vocab_size: int | None = None
+    """Override the preset's vocabulary size (e.g. to fit a freshly trained tokenizer)."""
+    max_seq_len: int | None = None
+    """Override the preset's maximum sequence length."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup and decay; no weight decay on norms, biases and embeddings' scales."""
+
+    lr: float = 3e-4
+    """Peak learning rate, reached after warmup."""
+    min_lr_ratio: float = 0.1
+    """Floor of the decay, as a fraction of lr."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay from lr to the floor over the steps after warmup."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay for matrices (never for norms or biases)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over devices (FSDP2 under torchrun) and what speeds it up."""
+
+    dp_replicate: int = 1
+    """HSDP: replicas (usually nodes); the world size must be dp_replicate x shards per replica."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute dtype: auto is bf16 on GPU (fp32 master weights and reductions), fp32 on CPU."""
+    reshard_after_forward: bool = True
+    """FSDP2: free gathered parameters after forward (less memory, one more all-gather)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable training state (torch.distributed.checkpoint) and the final export."""
+
+    every: int = 0
+    """Save every N steps (0: only at the end and on SIGTERM/SIGINT)."""
+    keep_last: int = 2
+    """Keep this many newest checkpoints (0 keeps all)."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in out_dir if any; none; or a path."""
+    export_hf: bool = True
+    """Write <out_dir>/final/ in Hugging Face format at the end."""
+
+
+@dataclass
+class LogConfig:
+    """Console, metrics.jsonl and optional trackers."""
+
+    every: int = 10
+    """Log every N steps."""
+    tensorboard: bool = False
+    """Also write TensorBoard events to <out_dir>/tb (needs tensorboard installed)."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs wandb installed)."""
+
+
+T = TypeVar("T")
+
+
+def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
+    """Parse --config YAML files and dotted flags into `cls`."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    prog = f"python -m {sys.modules[cls.__module__].__spec__.name}" if cls.__module__ != "__main__" else None
+    parser = ArgumentParser(prog=prog, description=description or cls.__doc__, default_meta=False)
+    parser.add_argument("--config", action="config", help="YAML file with any of the fields below.")
+    parser.add_class_arguments(cls, None, as_group=False)
+    ns = parser.parse_args(argv)
+    del ns["config"]
+    ns = parser.instantiate_classes(ns)  # nested dataclasses built
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+
+
+def model_config(spec: ModelSpec):
+    """The ModelConfig a ModelSpec names, and the checkpoint directory to load (or None)."""
+    from checkpoints.hf import load_hf_config, resolve_checkpoint
+    from model.config import ModelConfig
+
+    if spec.checkpoint:
+        ckpt_dir = resolve_checkpoint(spec.checkpoint)
+        cfg = load_hf_config(ckpt_dir)
+    elif spec.preset:
+        ckpt_dir, cfg = None, ModelConfig.preset(spec.preset)
+    else:
+        raise ValueError("model: set model.preset (random init) or model.checkpoint (HF dir or repo id)")
+    overrides = {k: v for k, v in (("vocab_size", spec.vocab_size), ("max_seq_len", spec.max_seq_len)) if v}
+    if ckpt_dir is not None and overrides.get("vocab_size", cfg.vocab_size) != cfg.vocab_size:
+        raise ValueError(f"model.vocab_size cannot change the vocabulary of checkpoint {spec.checkpoint}")
+    return dataclasses.replace(cfg, **overrides), ckpt_dir

@@ -1,0 +1,84 @@
+"""Applies activation checkpointing, torch.compile and FSDP2 to a model from the outside.
+
+The model stays plain PyTorch; this pass changes how it runs, never what it computes, and keeps
+parameter names (so checkpoints and the HF export see the same keys). Order matters: checkpoint
+and compile each block first, then `fully_shard` each block and finally the root.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from train.config import ParallelConfig
+from train.dist import DistInfo
+
+
+def compute_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
+    if cfg.mixed_precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+
+
+def build_mesh(cfg: ParallelConfig, dist: DistInfo):
+    """1-D mesh (shard) for FSDP, or 2-D (replicate, shard) for HSDP."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.world_size % cfg.dp_replicate:
+        raise ValueError(
+            f"parallel.dp_replicate={cfg.dp_replicate} does not divide the world size {dist.world_size}"
+        )
+    if cfg.dp_replicate == 1:
+        return init_device_mesh(dist.device.type, (dist.world_size,), mesh_dim_names=("shard",))
+    shape = (cfg.dp_replicate, dist.world_size // cfg.dp_replicate)
+    return init_device_mesh(dist.device.type, shape, mesh_dim_names=("replicate", "shard"))
+
+
+def parallelize(model: nn.Module, cfg: ParallelConfig, dist: DistInfo) -> nn.Module:
+    """Activation checkpointing and compile per block, then FSDP2 when there are several ranks.
+    Call on the meta-device model, before `to_empty` and weight init or loading."""
+    blocks = model.layers
+    if cfg.activation_checkpointing:
+        for block in blocks:
+            _checkpoint_block(block)
+    if cfg.compile:
+        for block in blocks:
+            block.compile()  # in place: parameter names are unchanged
+    if not dist.distributed:
+        return model
+
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mesh = build_mesh(cfg, dist)
+    dtype = compute_dtype(cfg, dist.device)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+    # The loops divide the loss by the global token count themselves, so the gradient must be
+    # summed over ranks, not averaged as FSDP does by default.
+    # Plain SUM reductions (no pre/post-multiply, which gloo lacks) with a divide factor of 1.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def _checkpoint_block(block: nn.Module) -> None:
+    """Recompute the block's forward during backward. Wrapping the bound forward (rather than
+    the module) keeps parameter names, and FSDP's hooks on the block still fire."""
+    forward = block.forward
+
+    def checkpointed_forward(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = checkpointed_forward
+
+
+def autocast(cfg: ParallelConfig, dist: DistInfo):
+    """Mixed precision for a single process (FSDP2's policy does it when sharded)."""
+    dtype = compute_dtype(cfg, dist.device)
+    enabled = dtype != torch.float32 and not dist.distributed
+    return torch.autocast(dist.device.type, dtype=dtype, enabled=enabled)
