@@ -317,7 +317,8 @@ def read_hf_state(ckpt_dir: Path, model: torch.nn.Module, device="cpu", dtype=No
     """Native state dict from the checkpoint, checked key by key and shape by shape against
     `model` (which may live on the meta device)."""
     cfg: ModelConfig = model.config
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    # LoRA adapters (lora_A / lora_B) are not part of a base checkpoint.
+    expected = {k: v.shape for k, v in model.state_dict().items() if ".lora_" not in k}
     rules = _compile(KEY_TABLES[cfg.model_type])
     state, unknown = {}, []
     for file, hf_key, tensor in iter_hf_tensors(ckpt_dir):
@@ -443,7 +444,7 @@ def load_hf_weights_(model: GPT, path: str | os.PathLike) -> None:
 
     ckpt_dir = resolve_checkpoint(path)
     params = model.state_dict()
-    for key, full in read_hf_state(ckpt_dir, model).items():
+    for key, full in read_hf_state(ckpt_dir, model).items():  # base weights only, never adapters
         target = params[key]
         if isinstance(target, DTensor):
             full = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements,

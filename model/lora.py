@@ -164,10 +164,10 @@ def target_module_names(model: nn.Module, targets: list[str] | str) -> list[str]
     projection inside the blocks; the output layer is never a target (PEFT's rule too)."""
     candidates = [n for n, m in model.named_modules()
                   if isinstance(m, (nn.Linear, LoRALinear)) and n.rpartition(".")[2] in LORA_TARGETS]
-    if targets == "all-linear":
-        return candidates
     if isinstance(targets, str):
         targets = [targets]
+    if "all-linear" in targets:  # a config list may name it too
+        return candidates
     chosen = set()
     for t in targets:
         hits = [n for n in candidates if n == t or n.endswith("." + t)]

@@ -5,6 +5,7 @@ rank-invariant, and give the same loss packed as unpacked."""
 
 import functools
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -96,7 +97,8 @@ def test_formats_parse_to_the_same_messages(tmp_path):
     for i, row in enumerate(rows):
         pq.write_table(pa.Table.from_pylist([row, row]), tmp_path / f"rows{i}.parquet")
         assert messages_of(tmp_path / f"rows{i}.parquet") == [expected] * 2
-    pq.write_table(pa.Table.from_pylist([rows[3], rows[5]]), tmp_path / "mixed.parquet")
+    keys = dict.fromkeys([*rows[3], *rows[5]])  # from_pylist takes its columns from the first row
+    pq.write_table(pa.Table.from_pylist([{**keys, **rows[3]}, {**keys, **rows[5]}]), tmp_path / "mixed.parquet")
     assert messages_of(tmp_path / "mixed.parquet") == [expected] * 2
 
     # The same conversations tokenize the same, whatever the file.
@@ -120,8 +122,9 @@ def test_real_files_parse(files):
                             "content": "The relation between the given pairs is that they are opposites."}
 
 
-def test_sharegpt_system_and_openai_system():
-    row = {"system": "Be brief.", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+def test_system_prompts():
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+    row = {"system": "Be brief.", "conversations": turns}
     expected = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello"}]
     assert to_messages(row) == expected
@@ -220,7 +223,7 @@ REASON = {"missing_completion": "missing_fields", "content_not_string": "missing
 def test_bad_row_raises_naming_file_and_line(tmp_path, kind):
     path = tmp_path / "data.jsonl"
     path.write_bytes((json.dumps(GOOD) + "\n\n").encode() + BAD_ROWS[kind] + (json.dumps(GOOD) + "\n").encode())
-    with pytest.raises(ValueError, match=rf"{path}:3: "):
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: ")):
         SFTDataset(path, qwen3(), 256, progress=False)
 
 
@@ -228,13 +231,13 @@ def test_bad_rows_in_json_and_parquet_name_the_row(tmp_path):
     bad = {"messages": [{"role": "assistant", "content": "first"}]}
     path = tmp_path / "data.json"
     path.write_text(json.dumps([GOOD, GOOD, bad]))
-    with pytest.raises(ValueError, match=rf"{path}\[2\]: .*no assistant|{path}\[2\]: "):
+    with pytest.raises(ValueError, match=re.escape(f"{path}[2]: ")):
         SFTDataset(path, qwen3(), 256, progress=False)
     pq = pytest.importorskip("pyarrow.parquet")
     pa = pytest.importorskip("pyarrow")
     path = tmp_path / "data.parquet"
     pq.write_table(pa.Table.from_pylist([GOOD, {"prompt": "hi", "completion": ""}, GOOD]), path)
-    with pytest.raises(ValueError, match=rf"{path}\[1\]: assistant turn 1 is empty"):
+    with pytest.raises(ValueError, match=re.escape(f"{path}[1]: assistant turn 1 is empty")):
         SFTDataset(path, qwen3(), 256, progress=False)
     # A .json file that is not one list of rows fails as a whole.
     path = tmp_path / "dict.json"
@@ -336,7 +339,7 @@ def test_packing_serves_every_sample_once_per_epoch(small):
         assert positions == list(range(len(ids)))  # positions restart in each document
     expected = [(small[i]["input_ids"].tolist(), small[i]["labels"].tolist()) for i in range(len(small))]
     assert sorted((ids, labels) for ids, labels, _ in docs) == sorted(expected)
-    # First-fit rows are full: no sample that was placed later would have fitted an earlier row's gap.
+    # Packing packed: several samples share a row.
     assert len(rows) < len(small) / 2
 
 
@@ -367,6 +370,7 @@ def test_packed_and_unpacked_give_the_same_loss(small):
     assert no_mask != pytest.approx(with_mask, rel=1e-3)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_block_mask_matches_the_dense_mask(small):
     # FlexAttention runs on CPU without gradients (unfused, slow), enough to check the mask.
     model = GPT(ModelConfig.preset("tiny-qwen3"))
@@ -376,7 +380,7 @@ def test_flex_block_mask_matches_the_dense_mask(small):
     with torch.no_grad():
         dense = model(ids, position_ids=pos, attn_mask=packed_attention_mask(batch["document_ids"]))
         flex = model(ids, position_ids=pos, attn_mask=flex_block_mask(batch["document_ids"]))
-    torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-4)  # a wrong mask moves logits by ~1
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -386,14 +390,16 @@ def test_batches_are_deterministic_and_resume_exactly(small, pack):
 
     per_epoch = make().batches_per_epoch()
     n = 2 * per_epoch + 1  # crosses two epoch boundaries
-    a = [make().next_batch() for _ in range(1)] + [None]
-    first = make()
+    first, again = make(), make()
     run = [first.next_batch() for _ in range(n)]
-    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(run, [make().next_batch()]))
+    for expected in run:
+        batch = again.next_batch()
+        assert all(torch.equal(batch[k], expected[k]) for k in expected)
     assert first.epoch == 2
-    # Each epoch is a new order.
+    # Each epoch, and each seed, is a new order.
     assert not all(torch.equal(run[i]["input_ids"], run[per_epoch + i]["input_ids"]) for i in range(per_epoch))
-    assert not torch.equal(make(seed=1).next_batch()["input_ids"], run[0]["input_ids"]) or a[1] is None
+    other = make(seed=1)
+    assert not all(torch.equal(other.next_batch()["input_ids"], run[i]["input_ids"]) for i in range(per_epoch))
 
     for stop in (1, per_epoch, per_epoch + 1):
         interrupted = make()
@@ -434,14 +440,15 @@ def test_eval_covers_every_sample_on_every_rank_count(small, pack):
             before = batches.state_dict()
             evals = list(batches.iter_eval())
             assert batches.state_dict() == before
-            assert len(evals) == -(-len(batches._units(None)) // (3 * world))  # same count on every rank
+            units = len(first_fit(small.lengths.tolist(), small.max_seq_len)) if pack else len(small)
+            assert len(evals) == -(-units // (3 * world))  # the same number on every rank
             for batch in evals:
                 assert batch["input_ids"].shape[0] == 3
                 trained += num_trainable(batch)
                 if pack:
                     served += [ids for ids, _, _ in documents(batch)]
                 else:
-                    served += [ids for b in range(3) if (ids := unpadded(batch, b)[0]) != [qwen3().pad_id]]
+                    served += [ids for b in range(3) if (ids := unpadded(batch, b)[0])]
         assert sorted(served) == sorted(small[i]["input_ids"].tolist() for i in range(len(small)))
         assert trained == small.stats["trainable_tokens"]
 

@@ -1,6 +1,6 @@
 """The supervised fine-tuning data pipeline: chat files -> tokenized samples -> (B, T) batches.
 
-Shared by SFT, LoRA and DPO (which reuses the row reading, `tokenize_conversation` and `first_fit`).
+Shared by the SFT and LoRA loops, and meant for DPO's too (row reading, `tokenize_conversation`, `first_fit`).
 
 Reading. .jsonl (.jsonl.gz), .json (one list of rows) and .parquet files. Each row is one
 conversation, in any of these shapes, detected row by row:
@@ -428,7 +428,7 @@ class ChatBatches:
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
         self.seed, self.pack, self.pin_memory = seed, pack, pin_memory
         self.epoch, self.position = 0, 0
-        self._cached = None  # (epoch, units) of the last epoch asked for
+        self._cache = {}  # epoch -> units
         units = len(self._units(0))
         if units < self.global_batch:
             what = f"packed rows of {dataset.max_seq_len} tokens" if pack else "samples"
@@ -445,16 +445,19 @@ class ChatBatches:
         return np.arange(n) if epoch is None else np.random.default_rng([self.seed, epoch]).permutation(n)
 
     def _units(self, epoch):
-        """The epoch's units: sample indices (pack=False) or rows, each a list of sample indices."""
-        if self._cached is None or self._cached[0] != epoch:
+        """The epoch's units: sample indices (pack=False) or rows, each a list of sample indices.
+        Kept for the current epoch and for evaluation (epoch None), so an evaluation does not repack."""
+        if epoch not in self._cache:
             order = self._order(epoch)
             if self.pack:
                 bins = first_fit(self.dataset.lengths[order].tolist(), self.dataset.max_seq_len)
                 units = [[int(order[i]) for i in b] for b in bins]
             else:
                 units = order.tolist()
-            self._cached = (epoch, units)
-        return self._cached[1]
+            if epoch is not None:
+                self._cache = {k: v for k, v in self._cache.items() if k is None}
+            self._cache[epoch] = units
+        return self._cache[epoch]
 
     def batches_per_epoch(self):
         """Global batches in the current epoch (with packing it can vary a little between epochs)."""
@@ -497,7 +500,7 @@ class ChatBatches:
         if self.pack:
             T = self.dataset.max_seq_len
         else:
-            T = max([len(self.dataset[i]["input_ids"]) for i in units if i is not None], default=1)
+            T = max([int(self.dataset.lengths[i]) for i in units if i is not None], default=1)
         input_ids = np.full((B, T), self.dataset.pad_id, dtype=np.int64)
         labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
         position_ids = np.zeros((B, T), dtype=np.int64)
@@ -529,7 +532,7 @@ class ChatBatches:
     def load_state_dict(self, state):
         """Continue where a saved run stopped; its seed wins, so the data order is the saved run's."""
         self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
-        self._cached = None
+        self._cache = {}
 
 
 # ----------------------------------------------------------------------------- attention masks
@@ -551,3 +554,17 @@ def flex_block_mask(document_ids):
 
     B, T = document_ids.shape
     return create_block_mask(document_mask_mod(document_ids), B, None, T, T, device=document_ids.device)
+
+
+def attention_mask_for(batch):
+    """The attn_mask a batch needs: None for unpacked rows (causal attention suffices), a
+    FlexAttention BlockMask for packed rows on CUDA, the dense equivalent elsewhere (FlexAttention
+    has no CPU backward). Call after moving the batch to its device."""
+    document_ids = batch.get("document_ids")
+    if document_ids is None:
+        return None
+    if document_ids.device.type == "cuda":
+        return flex_block_mask(document_ids)
+    from model.gpt import packed_attention_mask
+
+    return packed_attention_mask(document_ids)

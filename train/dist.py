@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -77,3 +78,19 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def catch_stop_signals() -> dict:
+    """SIGTERM (preemption, SLURM's time limit) and SIGINT set state["stop"]; the loops then save
+    a checkpoint at the end of the step and exit cleanly."""
+    state = {"stop": False}
+
+    def handler(signum, frame):
+        state["stop"] = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread (a test runner's worker thread)
+            pass
+    return state

@@ -39,3 +39,12 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     if cfg.schedule == "cosine":
         return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return cfg.lr - (cfg.lr - floor) * progress
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (max_norm <= 0: measure only). Returns the norm before
+    clipping as a plain tensor, the same on every rank."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+    # Sharded (DTensor) gradients give a DTensor norm; its full value is what we log and test.
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

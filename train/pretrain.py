@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +35,9 @@ from train.config import (
     CheckpointConfig, LogConfig, ModelSpec, OptimConfig, ParallelConfig, model_config, parse_config, to_dict,
 )
 from train.data import TokenWindows, load_meta, prepare, unigram_baseline
-from train.dist import all_reduce_sum, barrier, setup_distributed, teardown_distributed
+from train.dist import all_reduce_sum, barrier, catch_stop_signals, setup_distributed, teardown_distributed
 from train.log import MetricsLogger, Throughput
-from train.optim import build_optimizer, lr_at
+from train.optim import build_optimizer, clip_grad_norm_, lr_at
 from train.parallel import autocast, parallelize
 
 
@@ -176,7 +175,7 @@ def main(cfg: PretrainConfig) -> dict:
         skipped = extra["skipped_steps"]
         logger.print(f"resumed from {resume_from} at step {start_step}")
 
-    stop_signal = _catch_stop_signals()
+    stop_signal = catch_stop_signals()
     tokens_per_step = global_batch * seq_len
     throughput = Throughput(mcfg.flops_per_token(seq_len), dist.device, dist.world_size)
     logger.print(f"model {mcfg.model_type} {mcfg.num_params() / 1e6:.2f}M params | world {dist.world_size} | "
@@ -212,7 +211,7 @@ def main(cfg: PretrainConfig) -> dict:
         # One all-reduce for the loss and the stop flag (any rank told to stop stops them all).
         step_stats = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop_signal["stop"]), device=dist.device)]))
 
-        grad_norm = _clip_grad_norm(model, cfg.optim.grad_clip)
+        grad_norm = clip_grad_norm_(model, cfg.optim.grad_clip)
         loss_value, stop_votes, grad_norm_value = torch.cat([step_stats, grad_norm[None]]).tolist()  # one host sync
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
             optimizer.zero_grad(set_to_none=True)
@@ -296,28 +295,6 @@ def sample_text(model_dir: str, prompt: str, max_new_tokens: int, device) -> str
     ids = tok.encode(prompt, add_special_tokens=True)
     new = generate(model, [ids], max_new_tokens, temperature=0.8, top_k=50, seed=0)[0]
     return tok.decode(new)
-
-
-def _clip_grad_norm(model, max_norm: float) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
-    # Sharded parameters give a DTensor norm; the full value is the same on every rank.
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-
-def _catch_stop_signals() -> dict:
-    """SIGTERM (preemption) and SIGINT set a flag; the loop saves a checkpoint and exits."""
-    state = {"stop": False}
-
-    def handler(signum, frame):
-        state["stop"] = True
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. called from a test runner thread)
-            pass
-    return state
 
 
 if __name__ == "__main__":

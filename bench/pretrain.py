@@ -1,0 +1,123 @@
+"""Pretraining step throughput: handloom vs Hugging Face transformers, same shape, same recipe.
+
+    python bench/pretrain.py                                   # llama-3.2-1b shape, seq 2048, one GPU
+    python bench/pretrain.py --preset tiny --seq_len 128 --micro_batch 2 --device cpu   # smoke test
+
+Every model trains on random tokens with the same recipe: fp32 master weights, bf16 autocast,
+fused AdamW, loss = summed token cross-entropy / tokens, gradient clipping. Each row reports
+tokens/s, MFU (model FLOPs per token from model/config.py against 989 TFLOP/s dense bf16), and
+peak memory. Rows run one after another in one process, memory freed in between.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from algos.logprobs import cross_entropy_sum  # noqa: E402
+from checkpoints.hf import config_to_hf  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
+from model.gpt import GPT  # noqa: E402
+from train.config import OptimConfig, ParallelConfig  # noqa: E402
+from train.dist import DistInfo  # noqa: E402
+from train.optim import build_optimizer  # noqa: E402
+from train.parallel import parallelize  # noqa: E402
+
+PEAK = 989e12
+
+
+def ours(cfg: ModelConfig, device, compile: bool, ac: bool):
+    with torch.device("meta"):
+        model = GPT(cfg)
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    parallelize(model, ParallelConfig(compile=compile, activation_checkpointing=ac), dist)
+    model.to_empty(device=device)
+    model.init_weights(seed=0)
+    return model, lambda ids: model(ids)
+
+
+def hf(cfg: ModelConfig, device, compile: bool, ac: bool):
+    import transformers
+
+    hf_cfg = transformers.AutoConfig.for_model(**config_to_hf(cfg, torch.float32))
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").to(device)
+    if ac:
+        model.gradient_checkpointing_enable()
+    if compile:
+        model.compile()
+    return model, lambda ids: model(ids, use_cache=False).logits
+
+
+def measure(name, build, cfg, args, device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model, forward = build(cfg, device, args.compile if "compile" not in name else True, args.ac)
+    model.train()
+    optim = build_optimizer(model, OptimConfig(lr=1e-4), device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len + 1), device=device, generator=gen)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    tokens = inputs.numel()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = forward(inputs)
+        loss = cross_entropy_sum(logits, targets) / tokens
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup):
+        loss = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    loss = loss.item()  # waits for the GPU
+    elapsed = time.perf_counter() - t0
+    tps = tokens * args.steps / elapsed
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    mfu = tps * cfg.flops_per_token(args.seq_len) / PEAK if device.type == "cuda" else float("nan")
+    del model, optim, forward
+    return {"name": name, "tokens_per_s": tps, "mfu": mfu, "peak_gib": peak_mem, "loss": loss}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="llama-3.2-1b")
+    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--micro_batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ac", action="store_true", help="activation checkpointing for every row")
+    p.add_argument("--compile", action="store_true", help="also compile the non-'compiled' rows")
+    p.add_argument("--rows", default="ours,ours compiled,hf eager,hf compiled")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cfg = ModelConfig.preset(args.preset)
+    builders = {"ours": ours, "ours compiled": ours, "hf eager": hf, "hf compiled": hf}
+    print(f"# {args.preset}: {cfg.num_params() / 1e9:.2f}B params, batch {args.micro_batch} x {args.seq_len}, "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    print(f"{'implementation':16s} {'tokens/s':>10s} {'MFU':>6s} {'peak GiB':>9s} {'loss':>8s}")
+    for name in args.rows.split(","):
+        r = measure(name, builders[name], cfg, args, device)
+        print(f"{r['name']:16s} {r['tokens_per_s']:10,.0f} {100 * r['mfu']:5.1f}% {r['peak_gib']:9.1f} {r['loss']:8.4f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
