@@ -40,7 +40,7 @@ def ours(cfg: ModelConfig, device, compile: bool, ac: bool):
     parallelize(model, ParallelConfig(compile=compile, activation_checkpointing=ac), dist)
     model.to_empty(device=device)
     model.init_weights(seed=0)
-    return model, lambda ids: model(ids)
+    return model, lambda ids, targets: model(ids, targets=targets)  # fused output projection + loss
 
 
 def hf(cfg: ModelConfig, device, compile: bool, ac: bool):
@@ -52,7 +52,7 @@ def hf(cfg: ModelConfig, device, compile: bool, ac: bool):
         model.gradient_checkpointing_enable()
     if compile:
         model.compile()
-    return model, lambda ids: model(ids, use_cache=False).logits
+    return model, lambda ids, targets: cross_entropy_sum(model(ids, use_cache=False).logits, targets)
 
 
 def measure(name, build, cfg, args, device):
@@ -71,8 +71,7 @@ def measure(name, build, cfg, args, device):
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = forward(inputs)
-        loss = cross_entropy_sum(logits, targets) / tokens
+            loss = forward(inputs, targets) / tokens
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()

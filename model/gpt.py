@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from algos.logprobs import linear_cross_entropy_sum
 from model.config import ModelConfig
 
 try:
@@ -222,9 +223,12 @@ class GPT(nn.Module):
         attn_mask: Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        targets: Tensor | None = None,
     ) -> Tensor:
-        """input_ids (B, T) -> logits (B, T, V), or the final hidden states (B, T, C) when
-        return_hidden (losses that chunk the output projection use them).
+        """input_ids (B, T) -> logits (B, T, V); the final hidden states (B, T, C) when
+        return_hidden; or, given targets (B, T) (-100 = no loss), the summed next-token
+        cross-entropy, computed with the output projection chunk by chunk so the (B, T, V) logits
+        never exist at once.
 
         position_ids (B, T): defaults to 0..T-1 after what the cache holds; packed sequences pass
         positions restarting per document. attn_mask: a bool tensor broadcastable to (B, H, T, S)
@@ -246,6 +250,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.norm(x)
+        if targets is not None:
+            return linear_cross_entropy_sum(x, self.output_weight(), targets)
         if return_hidden:
             return x
         return F.linear(x, self.output_weight())  # (B, T, V)

@@ -276,13 +276,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter tensors only, as full tensors under native names (`layers.0.self_attn.q_proj.lora_A`).
+    """The adapter tensors only, as full CPU tensors under native names (`layers.0.self_attn.q_proj.lora_A`).
     On a sharded model every rank must call it (DTensors are gathered)."""
     out = {}
     for name, m in lora_modules(model):
         for part in ("lora_A", "lora_B"):
             t = getattr(m, part)
-            out[f"{name}.{part}"] = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+            # .cpu() also waits for the all-gather behind full_tensor(): a rank that never reads
+            # its copy would otherwise leave the collective pending at process-group teardown.
+            out[f"{name}.{part}"] = (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
     return out
 
 

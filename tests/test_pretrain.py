@@ -17,7 +17,7 @@ import yaml
 from checkpoints import io as ckpt_io
 from checkpoints.io import latest_checkpoint
 from tests.conftest import ROOT
-from train import pretrain
+from model import gpt
 from train.config import parse_config
 from train.data import prepare
 from train.pretrain import PretrainConfig, main
@@ -134,15 +134,15 @@ def test_killed_checkpoint_save_keeps_previous(data_dir, tmp_path, monkeypatch):
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
     common = ("--global_batch", "4", "--micro_batch", "2", "--checkpoint.every", "1")
-    real = pretrain.cross_entropy_sum
+    real = gpt.linear_cross_entropy_sum
     calls = {"n": 0}
 
-    def poisoned(logits, targets):
+    def poisoned(hidden, weight, targets):
         calls["n"] += 1
-        loss = real(logits, targets)
+        loss = real(hidden, weight, targets)
         return loss * float("nan") if calls["n"] > 4 else loss  # NaN from step 3 (2 micro-batches a step)
 
-    monkeypatch.setattr(pretrain, "cross_entropy_sum", poisoned)
+    monkeypatch.setattr(gpt, "linear_cross_entropy_sum", poisoned)
     with pytest.raises(FloatingPointError, match="step 3"):
         run_inprocess(data_dir, tmp_path, *common, "--steps", "5")
     assert latest_checkpoint(tmp_path).name == "step-00000002"

@@ -26,7 +26,6 @@ from typing import Literal
 import torch
 import yaml
 
-from algos.logprobs import cross_entropy_sum
 from checkpoints.convert import export_hf
 from checkpoints.hf import load_hf_weights_
 from checkpoints.io import check_resume_config, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -204,8 +203,7 @@ def main(cfg: PretrainConfig) -> dict:
             input_ids = input_ids.to(dist.device, non_blocking=True)
             targets = targets.to(dist.device, non_blocking=True)
             with autocast(cfg.parallel, dist):
-                logits = model(input_ids)  # (B, T, V)
-            loss = cross_entropy_sum(logits, targets) / tokens_per_step
+                loss = model(input_ids, targets=targets) / tokens_per_step  # summed token loss / global tokens
             loss.backward()
             loss_sum += loss.detach()
         # One all-reduce for the loss and the stop flag (any rank told to stop stops them all).
@@ -258,8 +256,7 @@ def evaluate(model, data: TokenWindows, max_batches: int, dist, parallel_cfg) ->
     for input_ids, targets in data.iter_eval(max_batches):
         input_ids, targets = input_ids.to(dist.device), targets.to(dist.device)
         with autocast(parallel_cfg, dist):
-            logits = model(input_ids)
-        total[0] += cross_entropy_sum(logits, targets)
+            total[0] += model(input_ids, targets=targets)
         total[1] += targets.numel()
     all_reduce_sum(total)
     return (total[0] / total[1]).item()

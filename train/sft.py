@@ -24,7 +24,6 @@ from typing import Literal
 import torch
 import yaml
 
-from algos.logprobs import cross_entropy_sum
 from checkpoints.convert import export_hf
 from checkpoints.hf import load_hf_weights_
 from checkpoints.io import check_resume_config, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -205,9 +204,8 @@ def main(cfg: SFTConfig) -> dict:
         for batch in micro_batches:
             batch = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
             with autocast(cfg.parallel, dist):
-                logits = model(batch["input_ids"], position_ids=batch["position_ids"],
-                               attn_mask=attention_mask_for(batch))  # (B, T, V)
-            loss = cross_entropy_sum(logits, batch["labels"]) / step_tokens
+                loss = model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=attention_mask_for(batch),
+                             targets=batch["labels"]) / step_tokens  # summed over trained tokens / step's count
             loss.backward()
             loss_sum += loss.detach()
         # One all-reduce for the loss and the stop flag (any rank told to stop stops them all).
@@ -269,8 +267,8 @@ def evaluate(model, data: ChatBatches, max_batches: int, dist, parallel_cfg) -> 
         total[1] += num_trainable(batch)
         batch = {k: v.to(dist.device) for k, v in batch.items()}
         with autocast(parallel_cfg, dist):
-            logits = model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=attention_mask_for(batch))
-        total[0] += cross_entropy_sum(logits, batch["labels"])
+            total[0] += model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=attention_mask_for(batch),
+                              targets=batch["labels"])
     all_reduce_sum(total)
     return (total[0] / total[1].clamp(min=1)).item()
 
