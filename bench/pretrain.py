@@ -55,12 +55,9 @@ def hf(cfg: ModelConfig, device, compile: bool, ac: bool):
     return model, lambda ids, targets: cross_entropy_sum(model(ids, use_cache=False).logits, targets)
 
 
-def measure(name, build, cfg, args, device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    model, forward = build(cfg, device, args.compile if "compile" not in name else True, args.ac)
+def measure(name, model, forward, cfg, args, device, flops_per_token=None):
+    """Train `model` for warmup + timed steps on random tokens; forward(ids, targets) -> summed loss.
+    Only parameters with requires_grad are optimised (LoRA benches pass models with a frozen base)."""
     model.train()
     optim = build_optimizer(model, OptimConfig(lr=1e-4), device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -73,7 +70,7 @@ def measure(name, build, cfg, args, device):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = forward(inputs, targets) / tokens
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optim.step()
         optim.zero_grad(set_to_none=True)
         return loss
@@ -89,9 +86,24 @@ def measure(name, build, cfg, args, device):
     elapsed = time.perf_counter() - t0
     tps = tokens * args.steps / elapsed
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    mfu = tps * cfg.flops_per_token(args.seq_len) / PEAK if device.type == "cuda" else float("nan")
-    del model, optim, forward
+    flops = flops_per_token or cfg.flops_per_token(args.seq_len)
+    mfu = tps * flops / PEAK if device.type == "cuda" else float("nan")
     return {"name": name, "tokens_per_s": tps, "mfu": mfu, "peak_gib": peak_mem, "loss": loss}
+
+
+def fresh_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def print_row(r):
+    print(f"{r['name']:20s} {r['tokens_per_s']:10,.0f} {100 * r['mfu']:5.1f}% {r['peak_gib']:9.1f} {r['loss']:8.4f}",
+          flush=True)
+
+
+HEADER = f"{'implementation':20s} {'tokens/s':>10s} {'MFU':>6s} {'peak GiB':>9s} {'loss':>8s}"
 
 
 def main():
@@ -111,11 +123,12 @@ def main():
     builders = {"ours": ours, "ours compiled": ours, "hf eager": hf, "hf compiled": hf}
     print(f"# {args.preset}: {cfg.num_params() / 1e9:.2f}B params, batch {args.micro_batch} x {args.seq_len}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
-    print(f"{'implementation':16s} {'tokens/s':>10s} {'MFU':>6s} {'peak GiB':>9s} {'loss':>8s}")
+    print(HEADER)
     for name in args.rows.split(","):
-        r = measure(name, builders[name], cfg, args, device)
-        print(f"{r['name']:16s} {r['tokens_per_s']:10,.0f} {100 * r['mfu']:5.1f}% {r['peak_gib']:9.1f} {r['loss']:8.4f}",
-              flush=True)
+        fresh_memory(device)
+        model, forward = builders[name](cfg, device, args.compile or "compiled" in name, args.ac)
+        print_row(measure(name, model, forward, cfg, args, device))
+        del model, forward
 
 
 if __name__ == "__main__":

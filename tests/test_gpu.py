@@ -75,3 +75,30 @@ def test_generation_on_gpu_equals_cpu():
     a = generate(cpu_model.eval(), prompts, max_new_tokens=16)
     b = generate(gpu_model.eval(), prompts, max_new_tokens=16)
     assert a == b
+
+
+def test_qlora_nf4_trains_on_gpu():
+    from model.lora import apply_lora, mark_only_lora_trainable, quantize_base_nf4
+
+    cfg = ModelConfig.preset("tiny", hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=4,
+                             head_dim=32)
+    model = GPT(cfg).cuda()
+    model.init_weights(seed=0)
+    apply_lora(model, "all-linear", r=8, alpha=16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith((".lora_A", ".lora_B")):
+                p.data = p.data.to(torch.bfloat16)
+    quantize_base_nf4(model)
+    mark_only_lora_trainable(model)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 512, (4, 65), device="cuda")
+    losses = []
+    for _ in range(30):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids[:, :-1], targets=ids[:, 1:]) / ids[:, 1:].numel()
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0
