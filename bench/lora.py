@@ -88,9 +88,12 @@ def main():
     for name in args.rows.split(","):
         fresh_memory(device)
         build = peft_model if name.startswith("peft") else ours
-        model, forward = build(cfg, device, args, nf4="qlora" in name, ac=name.endswith(" ac"))
-        print_row(measure(name, model, forward, cfg, args, device, flops_per_token=flops))
-        del model, forward
+        try:
+            model, forward = build(cfg, device, args, nf4="qlora" in name, ac=name.endswith(" ac"))
+            print_row(measure(name, model, forward, cfg, args, device, flops_per_token=flops))
+            del model, forward
+        except Exception as e:  # an OOM or a failed compile ends this row, not the table
+            print(f"{name:20s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -126,9 +126,12 @@ def main():
     print(HEADER)
     for name in args.rows.split(","):
         fresh_memory(device)
-        model, forward = builders[name](cfg, device, args.compile or "compiled" in name, args.ac)
-        print_row(measure(name, model, forward, cfg, args, device))
-        del model, forward
+        try:
+            model, forward = builders[name](cfg, device, args.compile or "compiled" in name, args.ac)
+            print_row(measure(name, model, forward, cfg, args, device))
+            del model, forward
+        except Exception as e:  # an OOM or a failed compile ends this row, not the table
+            print(f"{name:20s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
 
 
 if __name__ == "__main__":

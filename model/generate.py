@@ -31,7 +31,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.rnn import pad_sequence
 
 from model.gpt import GPT, KVCache, attention_mask
@@ -39,10 +38,6 @@ from model.gpt import GPT, KVCache, attention_mask
 # Looking at `finished.all()` makes the host wait for the device, which stalls kernel launches for
 # the next step. Checking every few steps costs at most that many wasted steps of padding.
 CHECK_FINISHED_EVERY = 8
-# Attention kernels allowed while generating. cuDNN's is left out: PyTorch picks it on Hopper for
-# masked attention, and it builds a new graph for every key length, which is every decode step
-# (measured on an H200: about 2.5 ms of host time per layer and step, 10x the GPU time).
-ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def sample_next(
@@ -96,7 +91,7 @@ def generate(
 
     temperature 0 is greedy. Sampling draws from `generator`, else from a fresh one seeded with
     `seed`, else from torch's global generator. `pad_id` fills the left padding and the columns of
-    finished rows; it is never attended, so any id works. use_cache=False recomputes the whole
+    finished rows; no kept token ever attends to it, so any id works. use_cache=False recomputes the whole
     sequence at every step: slow, and the reference the cached path is tested against.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -123,24 +118,23 @@ def generate(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     num_new = torch.zeros(B, dtype=torch.long, device=device)  # tokens each row keeps
     S = P  # columns filled so far
-    with sdpa_kernel(ATTENTION_BACKENDS):
-        for step in range(max_new_tokens):
-            # The prefill feeds the prompts; each later step feeds only the column added last.
-            start = cache.pos if cache is not None else 0
-            mask = attention_mask(valid[:, :S], S - start, cfg.sliding_window)  # (B, 1, S - start, S)
-            hidden = model(ids[:, start:S], position_ids=positions[:, start:S], attn_mask=mask, cache=cache,
-                           return_hidden=True)
-            # Project the last position only: the prefill's logits for every prompt position would be
-            # B x P x V floats, gigabytes for a 150k vocabulary.
-            logits = F.linear(hidden[:, -1], model.output_weight())  # (B, V)
-            token = sample_next(logits, temperature, top_k, top_p, generator)
-            token = torch.where(finished, pad_id, token)
-            ids[:, S] = token
-            S += 1
-            num_new += ~finished
-            finished |= torch.isin(token, stop)
-            if (step + 1) % CHECK_FINISHED_EVERY == 0 and finished.all():
-                break
+    for step in range(max_new_tokens):
+        # The prefill feeds the prompts; each later step feeds only the column added last.
+        start = cache.pos if cache is not None else 0
+        mask = attention_mask(valid[:, :S], S - start, cfg.sliding_window)  # (B, 1, S - start, S)
+        hidden = model(ids[:, start:S], position_ids=positions[:, start:S], attn_mask=mask, cache=cache,
+                       return_hidden=True)
+        # Project the last position only: the prefill's logits for every prompt position would be
+        # B x P x V floats, gigabytes for a 150k vocabulary.
+        logits = F.linear(hidden[:, -1], model.output_weight())  # (B, V)
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = torch.where(finished, pad_id, token)
+        ids[:, S] = token
+        S += 1
+        num_new += ~finished
+        finished |= torch.isin(token, stop)
+        if (step + 1) % CHECK_FINISHED_EVERY == 0 and finished.all():
+            break
     new = ids[:, P:S].tolist()  # the one transfer to the host
     return [row[:n] for row, n in zip(new, num_new.tolist())]
 
@@ -168,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chat", action="store_true",
                         help="Render each prompt as a user message with the model's chat template.")
     parser.add_argument("--system", type=str | None, default=None, help="System message (with --chat).")
+    parser.add_argument("--default_chat_template", type=str | None, default=None,
+                        help="With --chat, for a tokenizer that has no template: 'chatml' or a Jinja string.")
     parser.add_argument("--device", type=str, default="auto", help="auto (cuda when available), cpu or cuda.")
     parser.add_argument("--dtype", type=Literal["auto", "float32", "bfloat16"], default="auto",
                         help="auto: bfloat16 on GPU, float32 on CPU.")
@@ -181,12 +177,15 @@ def main(argv: list[str] | None = None) -> None:
         dtype = getattr(torch, args.dtype)
     ckpt_dir = resolve_checkpoint(args.checkpoint)
     model = load_hf(ckpt_dir, device=device, dtype=dtype).eval()
-    tok = Tokenizer.from_dir(ckpt_dir)
+    tok = Tokenizer.from_dir(ckpt_dir, default_chat_template=args.default_chat_template)
 
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
-        prompts = [tok.encode_chat(system + [{"role": "user", "content": p}], add_generation_prompt=True)[0]
-                   for p in args.prompt]
+        try:
+            prompts = [tok.encode_chat(system + [{"role": "user", "content": p}], add_generation_prompt=True)[0]
+                       for p in args.prompt]
+        except ValueError as e:  # no chat template: a usage error, not a crash
+            parser.error(str(e))
     else:
         # The tokenizer's post-processor adds BOS where the model expects one (Llama), none otherwise (Qwen).
         prompts = [tok.encode(p, add_special_tokens=True) for p in args.prompt]
