@@ -52,7 +52,8 @@ def main():
     cfg = ModelConfig.preset(args.preset)
     hf_cfg = transformers.AutoConfig.for_model(**config_to_hf(cfg, dtype))
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype).to(device).eval()
+    with torch.device(device):  # random init on the GPU: on the CPU it takes minutes for 1B parameters
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype).eval()
     ours = GPT(cfg).to(device=device, dtype=dtype)
     ours.load_state_dict({hf_to_native_key(k, cfg.model_type): v for k, v in hf.state_dict().items()
                           if hf_to_native_key(k, cfg.model_type) in ours.state_dict()})

@@ -57,7 +57,8 @@ def peft_model(cfg, device, args, nf4: bool, ac: bool):
 
     hf_cfg = transformers.AutoConfig.for_model(**config_to_hf(cfg, torch.bfloat16))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype).to(device)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
     if ac:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

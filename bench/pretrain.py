@@ -47,7 +47,8 @@ def hf(cfg: ModelConfig, device, compile: bool, ac: bool):
     import transformers
 
     hf_cfg = transformers.AutoConfig.for_model(**config_to_hf(cfg, torch.float32))
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").to(device)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
     if ac:
         model.gradient_checkpointing_enable()
     if compile:

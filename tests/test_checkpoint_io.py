@@ -4,6 +4,7 @@ checkpoint written by 2 FSDP2 ranks loads into 1 unsharded process."""
 import json
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -235,10 +236,29 @@ def _fsdp_worker(rank: int, world_size: int, port: int, root: str) -> None:
             for fqn, state in optim_sd["state"].items():
                 tensors.update({f"optim.{fqn}.{k}": v.reshape(-1) for k, v in state.items()})
             save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(root, "full.safetensors"))
-        # Both ranks leave together: a gloo rank whose peer has already exited can abort.
-        dist.barrier()
+
+        # A failure on one rank raises on both (none waits forever) and leaves step 2 latest.
+        for failing_rank, stage in ((1, "after_rng_write"), (0, "before_rename")):
+            def fault(s, failing_rank=failing_rank, stage=stage):
+                if rank == failing_rank and s == stage:
+                    raise OSError(28, "No space left on device")
+
+            ckpt_io._fault_hook = fault
+            try:
+                save_checkpoint(root, 3, model, optimizer, extra={}, config={}, keep_last=0)
+                raise AssertionError("save_checkpoint should have raised")
+            except RuntimeError as e:
+                assert "step-00000003" in str(e)
+            ckpt_io._fault_hook = None
+            assert latest_checkpoint(root).name == "step-00000002"
     finally:
         dist.destroy_process_group()
+    # After FSDP2 on gloo, about 1 process in 30 aborts in interpreter teardown ("terminate
+    # called without an active exception"; torch 2.11 and 2.13), after all its work is done.
+    # Skip the teardown; an exception above still reaches mp.spawn as a failure.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.slow
@@ -247,6 +267,7 @@ def test_fsdp2_two_ranks_load_on_one(tmp_path):
     mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     path = latest_checkpoint(tmp_path)
     assert path == tmp_path / "step-00000002"
+    assert sorted(os.listdir(tmp_path)) == ["full.safetensors", "step-00000002"]  # no .tmp-* left
     assert json.loads((path / "meta.json").read_text())["world_size"] == 2
     assert {"__0_0.distcp", "__1_0.distcp", "rng_rank0.safetensors", "rng_rank1.safetensors"} <= set(os.listdir(path))
     reference = load_file(str(tmp_path / "full.safetensors"))
