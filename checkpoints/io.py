@@ -83,11 +83,6 @@ def _world_size() -> int:
     return dist.get_world_size() if _distributed() else 1
 
 
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
 def _all_ranks_ok(ok: bool) -> bool:
     """True on every rank iff `ok` is True on every rank.
 
@@ -104,17 +99,15 @@ def _all_ranks_ok(ok: bool) -> bool:
     return bool(flag.item())
 
 
-def _dcp_kwargs() -> dict[str, Any]:
-    # Without a process group DCP runs as a single rank; say so explicitly rather than rely on
-    # its fallback, which is the same thing plus a warning on every call.
-    return {} if _distributed() else {"no_dist": True}
-
-
-@contextlib.contextmanager
-def _quiet_single_process():
+def _dcp(save_or_load: Callable, state: dict[str, Any], path: Path) -> None:
+    """dcp.save or dcp.load: collectively on every rank, or alone when there is no process group."""
+    if _distributed():
+        save_or_load(state, checkpoint_id=path)
+        return
+    # DCP runs as a single rank with no_dist=True, and warns that it does on every call.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+        save_or_load(state, checkpoint_id=path, no_dist=True)
 
 
 # --------------------------------------------------------------------------- state dicts
@@ -133,7 +126,8 @@ def _get_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, 
     if optimizer is None:
         return {"model": get_model_state_dict(model, options=options)}
     # On an optimizer that has not stepped yet, get_state_dict first creates its state (a step
-    # with lr=0), so a fresh optimizer has tensors for DCP to load into.
+    # with lr=0, leaving Adam's step count at 1), so a fresh optimizer has tensors for DCP to
+    # load into. The same happens when saving before the first step: save after it.
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     return {"model": model_sd, "optim": optim_sd}
 
@@ -273,8 +267,7 @@ def save_checkpoint(
 
     # Every rank writes its shards and its RNG state into tmp/.
     try:
-        with _quiet_single_process():
-            dcp.save(state, checkpoint_id=tmp, **_dcp_kwargs())
+        _dcp(dcp.save, state, tmp)
         _fault("after_state_write")
         _save_rng(tmp, rank)
         _fault("after_rng_write")
@@ -310,8 +303,9 @@ def save_checkpoint(
         except Exception as e:
             error = e
             if not renamed:
-                if old.exists() and not final.exists():
-                    os.replace(old, final)  # put the replaced checkpoint back
+                with contextlib.suppress(OSError):  # best effort: put a replaced checkpoint back
+                    if old.exists() and not final.exists():
+                        os.replace(old, final)
                 shutil.rmtree(tmp, ignore_errors=True)
     if not _all_ranks_ok(error is None):
         if renamed:
@@ -338,8 +332,7 @@ def load_checkpoint(
 
     # DCP reads into the tensors of `state` in place, resharding to this world size.
     state = _get_state(model, optimizer, trainable_only)
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=path, **_dcp_kwargs())
+    _dcp(dcp.load, state, path)
     options = _options(trainable_only)
     if optimizer is None:
         set_model_state_dict(model, state["model"], options=options)
@@ -385,5 +378,5 @@ def check_resume_config(saved_config: dict, current_config: dict, ignore: Iterab
     if diffs:
         raise ValueError(
             "the checkpoint was written with a different config (use a new out_dir, or make the "
-            f"config match):\n" + "\n".join(diffs)
+            "config match):\n" + "\n".join(diffs)
         )
