@@ -22,7 +22,6 @@ import contextlib
 import functools
 import importlib
 import math
-import sys
 from typing import Iterator
 
 import torch
@@ -65,13 +64,10 @@ def torchao_nf4():
 
 
 def is_nf4(t: Tensor) -> bool:
-    """True for a torchao NF4Tensor. Looks only at modules already imported: if torchao's NF4
-    module was never imported, no NF4Tensor can exist, and plain LoRA never pays for the import."""
-    for name in _NF4_MODULES:
-        mod = sys.modules.get(name)
-        if mod is not None and isinstance(t, mod.NF4Tensor):
-            return True
-    return False
+    """True for a torchao NF4Tensor. Checks the class name, so plain LoRA never imports torchao,
+    and torch.compile guards on the tensor's type alone (a sys.modules lookup here made it guard
+    on the number of imported modules and recompile whenever that changed)."""
+    return type(t).__name__ == "NF4Tensor"
 
 
 class LoRALinear(nn.Module):
