@@ -99,6 +99,7 @@ class Tokenizer:
                  chat_template: str | None, chat_template_is_default: bool = False):
         self.source_dir = source_dir
         self._tok = tok
+        self.backend = tok  # the raw tokenizers.Tokenizer (fast batch encoding of corpora)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.chat_template = chat_template
         self._chat_template_is_default = chat_template_is_default

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from jsonargparse import ArgumentParser, set_parsing_settings
@@ -96,6 +96,30 @@ class LogConfig:
     """Also write TensorBoard events to <out_dir>/tb (needs tensorboard installed)."""
     wandb_project: str | None = None
     """Also log to this Weights & Biases project (needs wandb installed)."""
+
+
+@dataclass
+class ChatDataConfig:
+    """Chat files and how they become training tokens."""
+
+    train: list[str] = field(default_factory=list)
+    """Training files: .jsonl, .jsonl.gz, .json or .parquet."""
+    val: list[str] = field(default_factory=list)
+    """Validation files (optional)."""
+    tokenizer: str | None = None
+    """Tokenizer folder; default: the model checkpoint's."""
+    chat_template: str | None = None
+    """Template when the tokenizer has none: "chatml" or a Jinja string."""
+    max_seq_len: int = 2048
+    """Longest sample (and packed row) in tokens."""
+    train_on: Literal["assistant", "all"] = "assistant"
+    """Which tokens carry the loss."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """What to do with samples longer than max_seq_len."""
+    on_bad_row: Literal["raise", "skip"] = "raise"
+    """A malformed row is an error naming file and line, or is skipped and counted."""
+    pack: bool = False
+    """Pack several samples per row (attention blocked between them)."""
 
 
 T = TypeVar("T")

@@ -130,23 +130,15 @@ def _chunks(documents):
 # ----------------------------------------------------------------------------- tokenizers
 
 def load_tokenizer(tokenizer_dir):
-    """Load DIR/tokenizer.json and the id of the eos_token named in DIR/tokenizer_config.json."""
-    tokenizer_dir = Path(tokenizer_dir)
-    tokenizer_file = tokenizer_dir / "tokenizer.json"
-    config_file = tokenizer_dir / "tokenizer_config.json"
-    if not tokenizer_file.is_file():
-        raise FileNotFoundError(f"{tokenizer_file} not found: --tokenizer must be a Hugging Face tokenizer directory")
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    eos = config.get("eos_token")
-    if isinstance(eos, dict):  # older configs store an AddedToken as {"content": ...}
-        eos = eos.get("content")
-    if not eos:
-        raise ValueError(f"{config_file}: no eos_token; documents must be separated by an end-of-text token")
-    eos_id = tokenizer.token_to_id(eos)
-    if eos_id is None:
-        raise ValueError(f"{config_file}: eos_token {eos!r} is not in {tokenizer_file}")
-    return tokenizer, eos_id
+    """The `tokenizers` object of a Hugging Face tokenizer directory and its end-of-text id
+    (model/tokenizer.py reads the files; documents are separated by that id)."""
+    from model.tokenizer import Tokenizer as ChatTokenizer
+
+    tok = ChatTokenizer.from_dir(tokenizer_dir)
+    if tok.eos_id is None:
+        raise ValueError(f"{Path(tokenizer_dir) / 'tokenizer_config.json'}: no eos_token; documents must be "
+                         "separated by an end-of-text token")
+    return tok.backend, tok.eos_id
 
 
 def train_tokenizer(inputs, out_dir, vocab_size, text_field="text"):

@@ -39,36 +39,14 @@ from model.lora import apply_lora, init_lora_weights, lora_state_dict, mark_only
 from model.tokenizer import Tokenizer
 from train.chat_data import ChatBatches, SFTDataset, attention_mask_for, format_example, num_trainable
 from train.config import (
-    CheckpointConfig, LogConfig, ModelSpec, OptimConfig, ParallelConfig, model_config, parse_config, to_dict,
+    ChatDataConfig, CheckpointConfig, LogConfig, ModelSpec, OptimConfig, ParallelConfig, model_config, parse_config,
+    to_dict,
 )
 from train.dist import all_reduce_sum, barrier, catch_stop_signals, setup_distributed, teardown_distributed
 from train.log import MetricsLogger, Throughput
 from train.optim import build_optimizer, clip_grad_norm_, lr_at
 from train.parallel import autocast, parallelize
-
-
-@dataclass
-class ChatDataConfig:
-    """Chat files and how they become training tokens."""
-
-    train: list[str] = field(default_factory=list)
-    """Training files: .jsonl, .jsonl.gz, .json or .parquet."""
-    val: list[str] = field(default_factory=list)
-    """Validation files (optional)."""
-    tokenizer: str | None = None
-    """Tokenizer folder; default: the model checkpoint's."""
-    chat_template: str | None = None
-    """Template when the tokenizer has none: "chatml" or a Jinja string."""
-    max_seq_len: int = 2048
-    """Longest sample (and packed row) in tokens."""
-    train_on: Literal["assistant", "all"] = "assistant"
-    """Which tokens carry the loss."""
-    overlong: Literal["truncate", "drop"] = "truncate"
-    """What to do with samples longer than max_seq_len."""
-    on_bad_row: Literal["raise", "skip"] = "raise"
-    """A malformed row is an error naming file and line, or is skipped and counted."""
-    pack: bool = False
-    """Pack several samples per row (attention blocked between them)."""
+from train.sft import evaluate  # the same loss per trained token
 
 
 @dataclass
@@ -303,21 +281,6 @@ def main(cfg: LoRAConfig) -> dict:
     logger.close()
     teardown_distributed()
     return result
-
-
-@torch.no_grad()
-def evaluate(model, data: ChatBatches, max_batches: int, dist, parallel_cfg) -> float:
-    """Mean loss per trained token over the first `max_batches` global batches."""
-    model.eval()
-    total = torch.zeros(2, device=dist.device)  # (loss sum, trained tokens)
-    for batch in data.iter_eval(max_batches):
-        total[1] += num_trainable(batch)
-        batch = {k: v.to(dist.device) for k, v in batch.items()}
-        with autocast(parallel_cfg, dist):
-            total[0] += model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=attention_mask_for(batch),
-                              targets=batch["labels"])
-    all_reduce_sum(total)
-    return (total[0] / total[1].clamp(min=1)).item()
 
 
 def _store_base(model, lora_cfg: LoRASpec, device) -> None:
