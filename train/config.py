@@ -128,13 +128,14 @@ T = TypeVar("T")
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
     """Parse --config YAML files and dotted flags into `cls`."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    prog = f"python -m {sys.modules[cls.__module__].__spec__.name}" if cls.__module__ != "__main__" else None
-    parser = ArgumentParser(prog=prog, description=description or cls.__doc__, default_meta=False)
+    spec = getattr(sys.modules[cls.__module__], "__spec__", None)  # set when run as python -m train.<loop>
+    prog = f"python -m {spec.name}" if spec is not None else None
+    parser = ArgumentParser(prog=prog, description=description or cls.__doc__)
     parser.add_argument("--config", action="config", help="YAML file with any of the fields below.")
     parser.add_class_arguments(cls, None, as_group=False)
     ns = parser.parse_args(argv)
     del ns["config"]
-    ns = parser.instantiate_classes(ns)  # nested dataclasses built
+    ns = parser.instantiate(ns)  # nested dataclasses built
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 

@@ -46,7 +46,7 @@ from train.dist import all_reduce_sum, barrier, catch_stop_signals, setup_distri
 from train.log import MetricsLogger, Throughput
 from train.optim import build_optimizer, clip_grad_norm_, lr_at
 from train.parallel import autocast, parallelize
-from train.sft import evaluate  # the same loss per trained token
+from train.sft import SFTConfig, evaluate  # the same data fields; the same loss per trained token
 
 
 @dataclass
@@ -76,51 +76,15 @@ class LoRASpec:
 
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(SFTConfig):
     """Fine-tune LoRA adapters (optionally on an NF4 base: QLoRA) on chat data."""
 
     out_dir: str = "runs/lora"
-    """Run folder: config, metrics.jsonl, checkpoints, final/."""
-    seed: int = 0
-    """Seed of the data order (and of dropout)."""
-    device: str = "auto"
-    """auto (cuda if present), cuda or cpu."""
-    steps: int | None = None
-    """Optimizer steps; None trains `epochs` passes over the data."""
-    epochs: int = 1
-    """Passes over the training data when `steps` is None."""
-    global_batch: int = 16
-    """Samples (or packed rows) per optimizer step over all ranks and micro-batches."""
-    micro_batch: int = 4
-    """Samples (or packed rows) per forward/backward on each rank."""
-    eval_every: int = 0
-    """Validation loss every N steps (0: only at the end, when data.val is set)."""
-    eval_batches: int = 20
-    """Global batches of validation data per evaluation."""
-    stop_at_step: int | None = None
-    """End this session at that step with a checkpoint (rerun to continue)."""
-    nonfinite: Literal["error", "skip"] = "error"
-    """On a NaN/inf loss or gradient: stop with an error, or skip the step."""
-    max_skipped_steps: int = 10
-    """With nonfinite=skip, stop with an error after this many skipped steps."""
-    sample_prompt: str = "Who are you?"
-    """User message the final model answers at the end of the run."""
-    sample_tokens: int = 64
-    """Tokens of that answer (0 skips it)."""
-    model: ModelSpec = field(default_factory=ModelSpec)
-    """The network to fine-tune (model.checkpoint: an HF dir or Hub id)."""
+    """Run folder: config, metrics.jsonl, checkpoints, final/ (the adapter)."""
     lora: LoRASpec = field(default_factory=LoRASpec)
     """The adapters."""
-    data: ChatDataConfig = field(default_factory=ChatDataConfig)
-    """The chat data."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=10, weight_decay=0.0))
-    """Optimizer and learning-rate schedule."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """FSDP2, activation checkpointing, compile, precision."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """Training checkpoints and the HF export."""
-    log: LogConfig = field(default_factory=LogConfig)
-    """Logging."""
+    """Optimizer and learning-rate schedule (of the adapters)."""
 
 
 # Settings a resumed run may change without changing what is trained.
