@@ -51,7 +51,8 @@ def run_inprocess(data_dir, out_dir, *extra):
 def run_torchrun(data_dir, out_dir, nproc, *extra, nnodes=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(_free_port()), "-m", "train.pretrain", *args_for(data_dir, out_dir, *extra)]
-    subprocess.run(cmd, cwd=ROOT, check=True, env=_env(), timeout=300, capture_output=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
 def losses(out_dir, split="train"):

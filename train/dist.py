@@ -56,6 +56,9 @@ def setup_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistIn
 
 def teardown_distributed() -> None:
     if dist.is_initialized():
+        # Every rank must be done with collectives before any rank tears its group down: a rank that
+        # destroys it early can abort a peer still finishing (gloo: "terminate called ...").
+        dist.barrier()
         dist.destroy_process_group()
 
 
