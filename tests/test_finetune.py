@@ -145,16 +145,22 @@ def _free_port():
         return s.getsockname()[1]
 
 
+# QLoRA under FSDP2: NF4 shards must split evenly (q/v projections of stories260K do, with these blocks).
+QLORA = ("--lora.quantize", "nf4", "--lora.nf4_block_size", "32", "--lora.nf4_scaler_block_size", "8",
+         "--lora.targets", "[q_proj,v_proj]")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("loop", ["sft", "lora"])
+@pytest.mark.parametrize("loop", ["sft", "lora", "qlora"])
 def test_fsdp_two_processes_match_one(loop, chats, tmp_path):
     args = sft_args if loop == "sft" else lora_args
-    common = ("--steps", "3", "--global_batch", "4", "--micro_batch", "2", "--log.every", "1")
+    common = ("--steps", "3", "--global_batch", "4", "--micro_batch", "2", "--log.every", "1",
+              *(QLORA if loop == "qlora" else ()))
     cfg_cls = sft_loop.SFTConfig if loop == "sft" else lora_loop.LoRAConfig
     module = sft_loop if loop == "sft" else lora_loop
     module.main(parse_config(cfg_cls, args(tmp_path / "one", chats, *common)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", f"train.{loop}", *args(tmp_path / "two", chats, *common)]
+           str(_free_port()), "-m", "train.sft" if loop == "sft" else "train.lora", *args(tmp_path / "two", chats, *common)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -52,7 +52,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dist: DistInfo) -> nn.Mod
 
     mesh = build_mesh(cfg, dist)
     dtype = compute_dtype(cfg, dist.device)
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    # fp32 compute means "no cast": parameters kept in another dtype (a LoRA base in bf16) compute
+    # as stored, exactly as in a single process.
+    mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
