@@ -108,8 +108,9 @@ class PretrainConfig:
 
 
 # Settings a resumed run may change without changing what is trained.
-RESUMABLE_CHANGES = ("steps", "stop_at_step", "out_dir", "device", "eval_every", "eval_batches", "sample_prompt", "sample_tokens",
-                     "micro_batch", "parallel", "checkpoint", "log", "max_skipped_steps", "data.dir", "data.inputs")
+RESUMABLE_CHANGES = ("steps", "stop_at_step", "out_dir", "device", "eval_every", "eval_batches", "sample_prompt",
+                     "sample_tokens", "micro_batch", "parallel", "checkpoint", "log", "max_skipped_steps", "data.dir",
+                     "data.inputs")
 
 
 def main(cfg: PretrainConfig) -> dict:
