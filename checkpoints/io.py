@@ -380,3 +380,16 @@ def check_resume_config(saved_config: dict, current_config: dict, ignore: Iterab
             "the checkpoint was written with a different config (use a new out_dir, or make the "
             "config match):\n" + "\n".join(diffs)
         )
+
+
+def resume_path(out_dir: str | os.PathLike, resume: str) -> Path | None:
+    """The checkpoint a run continues from: "auto" is the newest complete one in out_dir (None on
+    a fresh run), "none" is None, anything else is a checkpoint folder, which must exist."""
+    if resume == "auto":
+        return latest_checkpoint(out_dir)
+    if resume == "none":
+        return None
+    path = Path(resume)
+    if not (path / "meta.json").exists():
+        raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no meta.json)")
+    return path

@@ -33,7 +33,7 @@ import yaml
 
 from checkpoints.hf import load_hf_weights_
 from checkpoints.peft import save_peft_adapter
-from checkpoints.io import check_resume_config, latest_checkpoint, load_checkpoint, save_checkpoint
+from checkpoints.io import check_resume_config, load_checkpoint, resume_path, save_checkpoint
 from model.gpt import GPT
 from model.lora import apply_lora, init_lora_weights, lora_state_dict, mark_only_lora_trainable, quantize_base_nf4
 from model.tokenizer import Tokenizer
@@ -145,11 +145,7 @@ def main(cfg: LoRAConfig) -> dict:
 
     # ---- resume from the newest complete checkpoint (any world size)
     start_step, skipped = 0, 0
-    resume_from = None
-    if cfg.checkpoint.resume == "auto":
-        resume_from = latest_checkpoint(out_dir)
-    elif cfg.checkpoint.resume != "none":
-        resume_from = Path(cfg.checkpoint.resume)
+    resume_from = resume_path(out_dir, cfg.checkpoint.resume)
     if resume_from is not None:
         start_step, extra, saved_cfg = load_checkpoint(resume_from, model, optimizer, trainable_only=True)
         check_resume_config(saved_cfg, to_dict(cfg), ignore=RESUMABLE_CHANGES)

@@ -28,7 +28,7 @@ import yaml
 
 from checkpoints.convert import export_hf
 from checkpoints.hf import load_hf_weights_
-from checkpoints.io import check_resume_config, latest_checkpoint, load_checkpoint, save_checkpoint
+from checkpoints.io import check_resume_config, load_checkpoint, resume_path, save_checkpoint
 from model.gpt import GPT
 from train.config import (
     CheckpointConfig, LogConfig, ModelSpec, OptimConfig, ParallelConfig, model_config, parse_config, to_dict,
@@ -163,11 +163,7 @@ def main(cfg: PretrainConfig) -> dict:
 
     # ---- resume from the newest complete checkpoint (any world size)
     start_step, skipped = 0, 0
-    resume_from = None
-    if cfg.checkpoint.resume == "auto":
-        resume_from = latest_checkpoint(out_dir)
-    elif cfg.checkpoint.resume != "none":
-        resume_from = Path(cfg.checkpoint.resume)
+    resume_from = resume_path(out_dir, cfg.checkpoint.resume)
     if resume_from is not None:
         start_step, extra, saved_cfg = load_checkpoint(resume_from, model, optimizer)
         check_resume_config(saved_cfg, to_dict(cfg), ignore=RESUMABLE_CHANGES)
