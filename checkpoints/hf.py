@@ -10,6 +10,7 @@ never holds a second full copy. Nothing here unpickles a file or runs code shipp
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -81,13 +82,19 @@ def _translate(key: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _rules(model_type: str, to_hf: bool) -> list[tuple[re.Pattern, str]]:
+    """The compiled key table of a family, HF -> native or (derived) native -> HF."""
+    table = KEY_TABLES[model_type]
+    return _compile({dst: src for src, dst in table.items()} if to_hf else table)
+
+
 def hf_to_native_key(key: str, model_type: str) -> str | None:
-    return _translate(key, _compile(KEY_TABLES[model_type]))
+    return _translate(key, _rules(model_type, to_hf=False))
 
 
 def native_to_hf_key(key: str, model_type: str) -> str | None:
-    inverse = {dst: src for src, dst in KEY_TABLES[model_type].items()}
-    return _translate(key, _compile(inverse))
+    return _translate(key, _rules(model_type, to_hf=True))
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -319,7 +326,7 @@ def read_hf_state(ckpt_dir: Path, model: torch.nn.Module, device="cpu", dtype=No
     cfg: ModelConfig = model.config
     # LoRA adapters (lora_A / lora_B) are not part of a base checkpoint.
     expected = {k: v.shape for k, v in model.state_dict().items() if ".lora_" not in k}
-    rules = _compile(KEY_TABLES[cfg.model_type])
+    rules = _rules(cfg.model_type, to_hf=False)
     state, unknown = {}, []
     for file, hf_key, tensor in iter_hf_tensors(ckpt_dir):
         key = _translate(hf_key, rules)

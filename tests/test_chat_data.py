@@ -17,6 +17,7 @@ from model.config import ModelConfig
 from model.gpt import GPT, packed_attention_mask
 from model.tokenizer import Tokenizer
 from tests.conftest import shared
+from tests.test_tokenizer import masked_runs
 from train.chat_data import (ChatBatches, SFTDataset, first_fit, flex_block_mask, format_example, iter_rows,
                              num_trainable, to_messages, tokenize_conversation)
 
@@ -136,18 +137,8 @@ def test_system_prompts():
 
 def trained_runs(tok, sample):
     """Decode each run of trained tokens: token t is trained when labels[t - 1] is not ignored."""
-    ids = sample["input_ids"].tolist()
     trained = [False] + [x != IGNORE_INDEX for x in sample["labels"][:-1].tolist()]
-    runs, run = [], []
-    for token, keep in zip(ids, trained):
-        if keep:
-            run.append(token)
-        elif run:
-            runs.append(run)
-            run = []
-    if run:
-        runs.append(run)
-    return [tok.decode(r, skip_special_tokens=False) for r in runs]
+    return masked_runs(tok, sample["input_ids"].tolist(), trained)
 
 
 @pytest.mark.parametrize("fmt", ["sharegpt", "alpaca", "prompt_completion"])
