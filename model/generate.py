@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from model.gpt import GPT, KVCache, attention_mask
+from model.gpt import GPT, KVCache
+from model.masks import causal_mask
 
 # Looking at `finished.all()` makes the host wait for the device, which stalls kernel launches for
 # the next step. Checking every few steps costs at most that many wasted steps of padding.
@@ -121,12 +122,11 @@ def generate(
     for step in range(max_new_tokens):
         # The prefill feeds the prompts; each later step feeds only the column added last.
         start = cache.pos if cache is not None else 0
-        mask = attention_mask(valid[:, :S], S - start, cfg.sliding_window)  # (B, 1, S - start, S)
-        hidden = model(ids[:, start:S], position_ids=positions[:, start:S], attn_mask=mask, cache=cache,
-                       return_hidden=True)
+        mask = causal_mask(valid[:, :S], S - start, cfg.sliding_window)  # (B, 1, S - start, S)
         # Project the last position only: the prefill's logits for every prompt position would be
         # B x P x V floats, gigabytes for a 150k vocabulary.
-        logits = F.linear(hidden[:, -1], model.output_weight())  # (B, V)
+        logits = model(ids[:, start:S], position_ids=positions[:, start:S], attn_mask=mask, cache=cache,
+                       logits_to_keep=1)[:, -1]  # (B, V)
         token = sample_next(logits, temperature, top_k, top_p, generator)
         token = torch.where(finished, pad_id, token)
         ids[:, S] = token

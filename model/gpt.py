@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from algos.logprobs import linear_cross_entropy_sum
+from algos.logprobs import linear_cross_entropy_sum, linear_token_logprobs
 from model.config import ModelConfig
+from model.masks import causal_mask, packed_mask
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -220,29 +221,39 @@ class GPT(nn.Module):
         self,
         input_ids: Tensor,
         position_ids: Tensor | None = None,
-        attn_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        attn_mask=None,
         cache: KVCache | None = None,
-        return_hidden: bool = False,
         targets: Tensor | None = None,
+        logprobs: bool = False,
+        logits_to_keep: int = 0,
     ) -> Tensor:
-        """input_ids (B, T) -> logits (B, T, V); the final hidden states (B, T, C) when
-        return_hidden; or, given targets (B, T) (-100 = no loss), the summed next-token
-        cross-entropy, computed with the output projection chunk by chunk so the (B, T, V) logits
-        never exist at once.
+        """input_ids (B, T) -> one of, by what is asked:
+            logits (B, T, V), or of the last `logits_to_keep` positions only (B, logits_to_keep, V);
+            targets (B, T) given (IGNORE_INDEX -100 = not scored): the summed next-token
+                cross-entropy, a scalar (pretraining, SFT: a plain sum has a cheaper backward);
+            targets and logprobs=True: log p(target) of every position (B, T) float32, 0.0 where
+                not scored (DPO, GRPO: any weighting of them has a correct gradient).
+        With targets the output projection runs chunk by chunk (algos/logprobs.py), so the (B, T, V)
+        logits never exist at once.
 
-        position_ids (B, T): defaults to 0..T-1 after what the cache holds; packed sequences pass
-        positions restarting per document. attn_mask: a bool tensor broadcastable to (B, H, T, S)
-        (True = attend) or a FlexAttention BlockMask; None means causal.
+        position_ids (B, T): defaults to 0..T-1 after what the cache holds. document_ids (B, T):
+        packed rows, several documents per row (positions restart in each); attention stays within
+        a document. attn_mask: an explicit bool mask broadcastable to (B, H, T, S) (True = attend),
+        as generation's left padding needs. With neither, attention is causal. The sliding window,
+        when the model has one, applies in every case.
         """
         B, T = input_ids.shape
+        window = self.config.sliding_window
         if position_ids is None:
             start = cache.pos if cache is not None else 0
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        if attn_mask is None and self.config.sliding_window is not None:
+        if document_ids is not None:
+            attn_mask = packed_mask(document_ids, window)
+        elif attn_mask is None and window is not None:
             S = T + (cache.pos if cache is not None else 0)
-            if S > self.config.sliding_window:
-                valid = torch.ones(B, S, dtype=torch.bool, device=input_ids.device)
-                attn_mask = attention_mask(valid, T, self.config.sliding_window)
+            if S > window:
+                attn_mask = causal_mask(torch.ones(B, S, dtype=torch.bool, device=input_ids.device), T, window)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)
         for layer in self.layers:
@@ -251,34 +262,11 @@ class GPT(nn.Module):
             cache.pos += T
         x = self.norm(x)
         if targets is not None:
-            return linear_cross_entropy_sum(x, self.output_weight(), targets)
-        if return_hidden:
-            return x
+            fn = linear_token_logprobs if logprobs else linear_cross_entropy_sum
+            return fn(x, self.output_weight(), targets)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         return F.linear(x, self.output_weight())  # (B, T, V)
-
-
-def attention_mask(kv_valid: Tensor, q_len: int, sliding_window: int | None = None) -> Tensor:
-    """Causal mask (B, 1, T, S) for the last `q_len` of S positions, where kv_valid (B, S) is False
-    on padding. A query always sees itself, so a padding row is never all-masked (SDPA would
-    return NaN there); what padding positions compute is ignored anyway."""
-    S = kv_valid.shape[1]
-    q_idx = torch.arange(S - q_len, S, device=kv_valid.device)[:, None]  # (T, 1)
-    k_idx = torch.arange(S, device=kv_valid.device)[None, :]  # (1, S)
-    allowed = k_idx <= q_idx
-    if sliding_window is not None:
-        allowed &= q_idx - k_idx < sliding_window
-    mask = allowed[None] & kv_valid[:, None, :]  # (B, T, S)
-    mask |= k_idx == q_idx
-    return mask[:, None]
-
-
-def packed_attention_mask(document_ids: Tensor) -> Tensor:
-    """Dense mask (B, 1, T, T) for packed rows: causal, and only within the same document.
-    document_ids (B, T) numbers the samples packed into each row."""
-    T = document_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
-    same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
-    return (same_doc & causal)[:, None]
 
 
 def _normal_(p: Tensor, std: float, seed: int) -> None:

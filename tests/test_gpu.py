@@ -6,7 +6,8 @@ import torch
 
 from checkpoints.hf import load_hf
 from model.config import ModelConfig
-from model.gpt import GPT, packed_attention_mask
+from model.gpt import GPT
+from model.masks import document_mask
 from tests.hf_reference import make_hf_model
 
 pytestmark = pytest.mark.gpu
@@ -58,7 +59,7 @@ def test_flex_attention_packing_matches_dense_mask():
     flex = torch.compile(model)
     with torch.no_grad():
         got = flex(ids, position_ids=pos, attn_mask=block_mask)
-        expected = model(ids, position_ids=pos, attn_mask=packed_attention_mask(docs))
+        expected = model(ids, position_ids=pos, attn_mask=document_mask(docs))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -102,3 +103,37 @@ def test_qlora_nf4_trains_on_gpu():
         optim.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0
+
+
+def test_flex_block_mask_with_sliding_window_matches_dense():
+    from model.masks import document_block_mask
+
+    model = _tiny()
+    T = 256
+    docs = torch.tensor([[0] * 150 + [1] * 106], device="cuda")
+    pos = torch.cat([torch.arange(150), torch.arange(106)]).cuda()[None]
+    ids = torch.randint(0, 512, (1, T), device="cuda")
+    with torch.no_grad():
+        got = model(ids, position_ids=pos, attn_mask=document_block_mask(docs, sliding_window=48))
+        expected = model(ids, position_ids=pos, attn_mask=document_mask(docs, sliding_window=48))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_token_logprobs_in_bf16_match_float64():
+    """The per-token path under bf16 autocast: values and the gradient of a weighting, within bf16 tolerance."""
+    from algos.logprobs import linear_token_logprobs
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(4, 64, 128, device="cuda", generator=g, requires_grad=True)
+    weight = (0.05 * torch.randn(2000, 128, device="cuda", generator=g)).requires_grad_()
+    targets = torch.randint(0, 2000, (4, 64), device="cuda", generator=g)
+    upstream = torch.randn(4, 64, device="cuda", generator=g)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = linear_token_logprobs(hidden, weight, targets, chunk_tokens=100)
+    (got * upstream).sum().backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = torch.log_softmax(h64 @ w64.T, -1).gather(-1, targets[..., None]).squeeze(-1)
+    (ref * upstream.double()).sum().backward()
+    torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=5e-2, atol=5e-2)

@@ -1,5 +1,6 @@
 """Native model vs transformers: logits, HF round trip, KV cache, packing, meta-device build."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +9,8 @@ import transformers
 
 from checkpoints.hf import load_hf, save_hf
 from model.config import PRESETS, ModelConfig
-from model.gpt import GPT, KVCache, attention_mask, packed_attention_mask
+from model.gpt import GPT, KVCache
+from model.masks import causal_mask
 from tests.hf_reference import TINY_HF_CONFIGS, make_hf_model
 
 FAMILIES = list(TINY_HF_CONFIGS)
@@ -61,7 +63,7 @@ def test_attention_mask_padding_matches_transformers(tmp_path):
     pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         expected = ref(ids, attention_mask=valid.long(), position_ids=pos).logits
-        got = ours(ids, position_ids=pos, attn_mask=attention_mask(valid, 12))
+        got = ours(ids, position_ids=pos, attn_mask=causal_mask(valid, 12))
     assert _rel_err(got[valid], expected[valid]) < 1e-5
 
 
@@ -88,7 +90,7 @@ def test_packed_rows_equal_separate_sequences():
     docs = torch.tensor([[0] * 7 + [1] * 11])
     pos = torch.cat([torch.arange(7), torch.arange(11)])[None]
     with torch.no_grad():
-        got = model(packed, position_ids=pos, attn_mask=packed_attention_mask(docs))
+        got = model(packed, position_ids=pos, document_ids=docs)
         expected = torch.cat([model(a), model(b)], dim=1)
     assert _rel_err(got, expected) < 1e-5
 
@@ -128,3 +130,24 @@ def test_num_params_matches_hf_for_real_shape():
             ref = transformers.AutoModelForCausalLM.from_config(hf_cfg)
         n_ref = sum(p.numel() for p in ref.parameters())
         assert cfg.num_params() == n_ref, name
+
+
+def test_packed_rows_apply_the_sliding_window():
+    """A packed Mistral-style row longer than the window: each document attends only within its
+    window, as it would alone (the unpacked path builds the windowed causal mask itself)."""
+    cfg = dataclasses.replace(ModelConfig.preset("tiny"), sliding_window=4)
+    model = GPT(cfg)
+    model.init_weights(seed=0)
+    a, b = torch.randint(0, cfg.vocab_size, (1, 9)), torch.randint(0, cfg.vocab_size, (1, 6))
+    docs = torch.tensor([[0] * 9 + [1] * 6])
+    pos = torch.cat([torch.arange(9), torch.arange(6)])[None]
+    with torch.no_grad():
+        got = model(torch.cat([a, b], dim=1), position_ids=pos, document_ids=docs)
+        expected = torch.cat([model(a), model(b)], dim=1)
+        no_window = dataclasses.replace(cfg, sliding_window=None)
+        unwindowed = GPT(no_window)
+        unwindowed.load_state_dict(model.state_dict())
+        unwindowed.reset_rope()
+        differs = unwindowed(a)
+    assert _rel_err(got, expected) < 1e-5
+    assert _rel_err(differs, expected[:, :9]) > 1e-3  # the window really changes the result
