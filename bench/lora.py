@@ -39,7 +39,7 @@ def ours(cfg, device, args, nf4: bool, ac: bool):
     model.init_weights(seed=0)
     init_lora_weights(model, seed=0)
     base_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.no_grad():  # frozen base in bf16, adapters float32 (as train/lora.py stores them)
+    with torch.no_grad():  # frozen base in bf16, adapters float32 (as model.lora.freeze_base stores them)
         for name, p in model.named_parameters():
             if not name.endswith((".lora_A", ".lora_B")):
                 p.data = p.data.to(base_dtype)

@@ -1,4 +1,4 @@
-"""Training checkpoint -> Hugging Face directory, and the export of a live (maybe sharded) model.
+"""Training checkpoint -> Hugging Face directory (the export of a live model is checkpoints.hf.export_hf).
 
     python -m checkpoints.convert --checkpoint runs/pretrain/step-00001000 --out runs/pretrain/hf-1000
 """
@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from checkpoints.hf import save_hf
 from checkpoints.io import load_checkpoint
@@ -20,23 +18,6 @@ from model.config import ModelConfig
 from model.gpt import GPT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded CPU tensors of the model on rank 0 (collective when sharded; other ranks get {})."""
-    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())
-    if not sharded:
-        return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def export_hf(model: GPT, out_dir, tokenizer_dir=None, dtype: torch.dtype | None = None) -> None:
-    """Write `out_dir` as a Hugging Face model. Call on every rank when sharded."""
-    state = full_state_dict(model)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        save_hf(model, out_dir, tokenizer_dir=tokenizer_dir, dtype=dtype, state_dict=state)
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def convert(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -51,7 +32,7 @@ def convert(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None =
     model = GPT(mcfg)
     model.reset_rope()
     load_checkpoint(checkpoint, model, None)
-    return save_hf(model, out, tokenizer_dir=extra.get("tokenizer_dir"), dtype=dtype)
+    return save_hf(model, out, tokenizer=extra.get("tokenizer_dir"), dtype=dtype)
 
 
 def main(argv=None) -> None:

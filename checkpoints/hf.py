@@ -1,7 +1,8 @@
 """Hugging Face format <-> native model: config.json, safetensors (one file or sharded), tokenizer.
 
     model = load_hf("path/or/org-name/repo-id", device="cpu", dtype=torch.bfloat16)
-    save_hf(model, "out/final", tokenizer_dir="path/of/the/source")
+    save_hf(model, "out/final", tokenizer=Tokenizer.from_dir("path/of/the/source"))
+    export_hf(model, "out/final", tokenizer)     # the same from a sharded model, on every rank
 
 One key table per family maps HF names to ours; the inverse is derived from it. Weights are read
 through safetensors' memory map and assigned into a model built on the meta device, so loading
@@ -21,8 +22,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from checkpoints.download import resolve_checkpoint
 from model.config import ModelConfig
 from model.gpt import GPT
+from model.tokenizer import Tokenizer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {
@@ -33,11 +36,6 @@ ARCHITECTURES = {
 }
 # Files fetched from the Hub: weights, configs and tokenizer files. Never *.bin / *.pt pickles,
 # never *.py modeling code.
-HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.txt"]
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
-)
 
 # HF key -> native key. `{}` stands for the layer index.
 _COMMON_KEYS = {
@@ -227,35 +225,6 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 # ----------------------------------------------------------------------------- locating files
 
 
-def resolve_checkpoint(path_or_repo: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a Hub repo id, fetched (weights, configs and tokenizer
-    files only) into the standard HF cache. HF_HUB_OFFLINE=1 makes this use the cache alone."""
-    path = Path(path_or_repo).expanduser()
-    if path.is_dir():
-        return path
-    name = str(path_or_repo)
-    if path.exists():
-        raise ValueError(f"checkpoint {name} is a file; expected a Hugging Face model directory")
-    if not re.fullmatch(r"\w[\w.\-]*/\w[\w.\-]*", name):  # not ./x or ../x
-        raise FileNotFoundError(f"checkpoint {name}: no such directory, and not a Hub repo id (org/name)")
-    return download(name)
-
-
-def download(repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Fetch a Hub repo's weights, configs and tokenizer files (HUB_PATTERNS) into the HF cache and
-    return its local snapshot directory. With HF_HUB_OFFLINE=1 only the cache is looked at."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # offline, unknown repo, gated model: say which and why, on one line
-        why = " ".join(str(e).split())
-        raise FileNotFoundError(
-            f"checkpoint {repo_id}: not found locally, and fetching it from the Hugging Face Hub failed "
-            f"({type(e).__name__}): {why}"
-        ) from e
-
-
 def read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -316,7 +285,6 @@ def load_hf(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = N
     state = read_hf_state(ckpt_dir, model, device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
     model.reset_rope()
-    model.source_dir = str(ckpt_dir)  # where tokenizer files come from when saving
     return model
 
 
@@ -356,15 +324,16 @@ def read_hf_state(ckpt_dir: Path, model: torch.nn.Module, device="cpu", dtype=No
 def save_hf(
     model: GPT,
     out_dir: str | os.PathLike,
-    tokenizer_dir: str | os.PathLike | None = None,
+    tokenizer: Tokenizer | str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 1024**3,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a complete Hugging Face directory: config.json, generation_config.json, safetensors
-    (sharded with an index past max_shard_bytes) and the tokenizer files of `tokenizer_dir`
-    (default: the directory the model was loaded from). The directory appears only when complete.
-    `state_dict` lets callers pass full tensors gathered from a sharded model."""
+    (sharded with an index past max_shard_bytes) and the files of `tokenizer` (a Tokenizer, or a
+    folder to load one from; its chat template included when it was a default given at training
+    time). Everything is written into a temporary folder that is renamed into place only when
+    complete. `state_dict` lets callers pass full tensors gathered from a sharded model."""
     cfg: ModelConfig = model.config
     out_dir = Path(out_dir)
     state = state_dict if state_dict is not None else model.state_dict()
@@ -405,14 +374,11 @@ def save_hf(
 
     _write_json(tmp / "config.json", config_to_hf(cfg, save_dtype))
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-    tokenizer_dir = tokenizer_dir or getattr(model, "source_dir", None)
-    if tokenizer_dir is not None:
-        tokenizer_dir = Path(tokenizer_dir)
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).exists():
-                shutil.copy2(tokenizer_dir / name, tmp / name)
-        if (tokenizer_dir / "generation_config.json").exists():
-            gen = read_json(tokenizer_dir / "generation_config.json")
+    if tokenizer is not None:
+        if not isinstance(tokenizer, Tokenizer):
+            tokenizer = Tokenizer.from_dir(tokenizer)
+        tokenizer.save(tmp)
+        gen = tokenizer.generation_config or gen
     _write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
     _replace_dir(tmp, out_dir)
     return out_dir
@@ -458,4 +424,26 @@ def load_hf_weights_(model: GPT, path: str | os.PathLike) -> None:
                                      src_data_rank=None)
         target.copy_(full)
     model.reset_rope()
-    model.source_dir = str(ckpt_dir)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU tensors of the model on rank 0 (collective when sharded; other ranks get {})."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())
+    if not sharded:
+        return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_hf(model: GPT, out_dir, tokenizer: Tokenizer | str | os.PathLike | None = None,
+              dtype: torch.dtype | None = None) -> Path:
+    """save_hf for a model that may be sharded: call on every rank; rank 0 writes."""
+    import torch.distributed as dist
+
+    state = full_state_dict(model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_hf(model, out_dir, tokenizer=tokenizer, dtype=dtype, state_dict=state)
+    if dist.is_initialized():
+        dist.barrier()
+    return Path(out_dir)

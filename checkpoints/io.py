@@ -319,14 +319,18 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     trainable_only: bool = False,
+    check_config: Callable[[dict], None] | None = None,
 ) -> tuple[int, dict, dict]:
     """Restore model, optimizer (unless None) and this rank's RNG from a checkpoint folder.
 
     Call on every rank, after the model is built, frozen and sharded exactly as for training
-    (any world size) and the optimizer is created. Returns (step, extra, config).
+    (any world size) and the optimizer is created. `check_config(saved_config)` runs before any
+    tensor is read (it raises to refuse the resume). Returns (step, extra, config).
     """
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
+    if check_config is not None:
+        check_config(meta["config"])
     if meta["trainable_only"] and not trainable_only:
         raise ValueError(f"{path} holds only the trainable parameters; load it with trainable_only=True")
 

@@ -75,6 +75,7 @@ def save_peft_adapter(
     out_dir: str | os.PathLike,
     base_model_name_or_path: str | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    tokenizer=None,
 ) -> Path:
     """Write the adapters of `model` as a PEFT LoRA directory; it appears only when complete.
     r, alpha, dropout and rsLoRA are read from the LoRA layers themselves. `state_dict` (from
@@ -133,8 +134,34 @@ def save_peft_adapter(
     tmp.mkdir(parents=True)
     save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
     _write_json(tmp / CONFIG_FILE, config)
+    if tokenizer is not None:  # a model.tokenizer.Tokenizer: its files, chat template included
+        tokenizer.save(tmp)
     _replace_dir(tmp, out_dir)
     return out_dir
+
+
+def export_lora(model: torch.nn.Module, out_dir: str | os.PathLike, base_dir: str | os.PathLike | None,
+                tokenizer=None, merge: bool = False, base_name: str | None = None) -> Path:
+    """The adapters of a live (maybe sharded) model as a PEFT directory; with `merge`, also
+    out_dir/merged/, the base from `base_dir` with the written adapter folded in (rebuilt on CPU
+    from the files, which also checks the adapter export). Call on every rank; rank 0 writes."""
+    import torch.distributed as dist
+
+    adapters = lora_state_dict(model)  # gathered on every rank when sharded
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_peft_adapter(model, out_dir, base_model_name_or_path=base_name or (str(base_dir) if base_dir else None),
+                          state_dict=adapters, tokenizer=tokenizer)
+        if merge:
+            from checkpoints.hf import load_hf, save_hf
+            from model.lora import merge_lora
+
+            if base_dir is None:
+                raise ValueError("lora.merge needs the base model's checkpoint directory")
+            merged = load_peft_adapter(load_hf(base_dir), out_dir)
+            save_hf(merge_lora(merged), Path(out_dir) / "merged", tokenizer=tokenizer)
+    if dist.is_initialized():
+        dist.barrier()
+    return Path(out_dir)
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:

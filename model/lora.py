@@ -2,6 +2,7 @@
 
     apply_lora(model, ["q_proj", "v_proj"], r=16, alpha=32)   # or "all-linear"
     quantize_base_nf4(model)                                    # optional: QLoRA
+    freeze_base(model, LoRAConfig(quantize="nf4"), device)      # the two above from a loop's `lora:` section
     with disable_lora(model): ref_logits = model(ids)           # DPO / GRPO reference model
     merge_lora(model); save_hf(model, "out")                    # plain model again
 
@@ -22,7 +23,8 @@ import contextlib
 import functools
 import importlib
 import math
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,33 @@ _NF4_MODULES = (
     "torchao.quantization.quantize_.workflows.nf4.nf4_tensor",
     "torchao.dtypes.nf4tensor",
 )
+
+
+@dataclass
+class LoRAConfig:
+    """The `lora:` section of every fine-tuning loop: which layers get adapters, their shape, and
+    how the frozen base is stored (absent or null in a config: full fine-tuning)."""
+
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Projection names as in PEFT (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or all-linear."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: float = 32.0
+    """Scale numerator: the update is (alpha / r) B A."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    use_rslora: bool = False
+    """rsLoRA scaling alpha / sqrt(r)."""
+    quantize: Literal["none", "nf4"] = "none"
+    """nf4: store the frozen base as torchao NF4 (QLoRA)."""
+    base_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Storage of the frozen base: auto is bf16 on GPU, fp32 on CPU (NF4 always dequantizes to bf16)."""
+    nf4_block_size: int = 64
+    """NF4: weights per quantization block (a weight's size must divide into them)."""
+    nf4_scaler_block_size: int = 256
+    """NF4: blocks per group of double-quantized block scales."""
+    merge: bool = False
+    """Also export the merged full model to final/merged/."""
 
 
 @functools.cache
@@ -313,3 +342,20 @@ def quantize_base_nf4(
             # A plain nn.Linear still works: torchao routes F.linear on an NF4Tensor to linear_nf4.
             m.weight = nn.Parameter(q, requires_grad=False)
     return model
+
+
+@torch.no_grad()
+def freeze_base(model: nn.Module, cfg: LoRAConfig, device: torch.device) -> int:
+    """After the base weights are loaded: store the frozen base in its dtype (bf16 on GPU: no fp32
+    master copy is needed for weights that never update) or as NF4 (QLoRA), keep the adapters
+    float32, and leave only the adapters trainable. Returns the number of trainable elements."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        cfg.base_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if cfg.quantize == "nf4":
+        dtype = torch.bfloat16
+    for name, p in model.named_parameters():
+        if not name.endswith((".lora_A", ".lora_B")):
+            p.data = p.data.to(dtype)
+    if cfg.quantize == "nf4":
+        quantize_base_nf4(model, cfg.nf4_block_size, cfg.nf4_scaler_block_size, dtype=dtype)
+    return mark_only_lora_trainable(model)

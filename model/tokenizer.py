@@ -26,7 +26,9 @@ CHATML_TEMPLATE = (
 
 # The special-token names transformers passes to every template (its SPECIAL_TOKENS_ATTRIBUTES).
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-_FILES_TO_SAVE = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# Everything transformers, vLLM or SentencePiece users may look for beside a model.
+_FILES_TO_SAVE = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                  "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
 def _read_json(path: Path) -> dict:
@@ -98,6 +100,7 @@ class Tokenizer:
     def __init__(self, source_dir: Path, tok: _HFTokenizer, config: dict, generation_config: dict,
                  chat_template: str | None, chat_template_is_default: bool = False):
         self.source_dir = source_dir
+        self.generation_config = generation_config  # written beside an exported model
         self._tok = tok
         self.backend = tok  # the raw tokenizers.Tokenizer (fast batch encoding of corpora)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)

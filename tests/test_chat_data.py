@@ -14,12 +14,13 @@ import torch
 
 from algos.logprobs import IGNORE_INDEX, cross_entropy_sum
 from model.config import ModelConfig
-from model.gpt import GPT, packed_attention_mask
+from model.gpt import GPT
+from model.masks import document_block_mask, document_mask
 from model.tokenizer import Tokenizer
 from tests.conftest import shared
 from tests.test_tokenizer import masked_runs
-from train.chat_data import (ChatBatches, SFTDataset, first_fit, flex_block_mask, format_example, iter_rows,
-                             num_trainable, to_messages, tokenize_conversation)
+from train.batching import ChatBatches, first_fit, num_targets
+from train.chat_data import SFTDataset, format_example, iter_rows, to_messages, tokenize_conversation
 
 THINK = "<think>\n\n</think>\n\n"  # Qwen3 puts an empty think block before the final assistant turn
 
@@ -65,7 +66,7 @@ def messages_of(path):
 
 def unpadded(batch, b):
     """Row b of an unpacked batch without its right padding: (input_ids, labels) as lists."""
-    ids, labels = batch["input_ids"][b], batch["labels"][b]
+    ids, labels = batch["input_ids"][b], batch["targets"][b]
     keep = len(ids)
     while keep and ids[keep - 1] == qwen3().pad_id and labels[keep - 1] == IGNORE_INDEX:
         keep -= 1
@@ -137,7 +138,7 @@ def test_system_prompts():
 
 def trained_runs(tok, sample):
     """Decode each run of trained tokens: token t is trained when labels[t - 1] is not ignored."""
-    trained = [False] + [x != IGNORE_INDEX for x in sample["labels"][:-1].tolist()]
+    trained = [False] + [x != IGNORE_INDEX for x in sample["targets"][:-1].tolist()]
     return masked_runs(tok, sample["input_ids"].tolist(), trained)
 
 
@@ -151,7 +152,7 @@ def test_trained_tokens_are_the_assistant_turns(files, fmt):
     assert len(ds) == len(conversations) and ds.stats["truncated"] == 0
     for i in range(0, len(ds), 7):
         messages, sample = conversations[i], ds[i]
-        ids, labels = sample["input_ids"], sample["labels"]
+        ids, labels = sample["input_ids"], sample["targets"]
         rendered = reference.apply_chat_template(messages, tokenize=False)
         assert tok.decode(ids.tolist(), skip_special_tokens=False) == rendered
         # Labels are the next token, where that token is trained.
@@ -171,7 +172,7 @@ def test_trained_tokens_are_the_assistant_turns(files, fmt):
 def test_train_on_all(files):
     ds = SFTDataset(files["alpaca"], qwen3(), 4096, train_on="all", progress=False)
     for i in range(len(ds)):
-        ids, labels = ds[i]["input_ids"], ds[i]["labels"]
+        ids, labels = ds[i]["input_ids"], ds[i]["targets"]
         assert labels[:-1].tolist() == ids[1:].tolist() and labels[-1] == IGNORE_INDEX
     assert ds.stats["trainable_tokens"] == ds.stats["tokens"] - len(ds)
 
@@ -265,7 +266,7 @@ def test_truncate_and_drop(files, tmp_path):
     for i, (ids, labels) in enumerate(full):
         assert truncated[i]["input_ids"].tolist() == ids[:max_len].tolist()
         # The last label of a truncated sample is the next token of the full conversation.
-        assert truncated[i]["labels"].tolist() == labels[:max_len].tolist()
+        assert truncated[i]["targets"].tolist() == labels[:max_len].tolist()
     assert truncated.lengths.max() == max_len
 
     # A prompt longer than max_seq_len leaves nothing to train on after truncation.
@@ -307,14 +308,14 @@ def documents(batch):
         doc_ids = batch["document_ids"][b]
         for d in range(int(doc_ids.max()) + 1):
             sel = doc_ids == d
-            out.append(tuple(batch[k][b][sel].tolist() for k in ("input_ids", "labels", "position_ids")))
+            out.append(tuple(batch[k][b][sel].tolist() for k in ("input_ids", "targets", "position_ids")))
     return out
 
 
 def test_packing_serves_every_sample_once_per_epoch(small):
     batches = ChatBatches(small, batch_size=1, pack=True, seed=3)
     rows = [batches.next_batch() for _ in range(batches.batches_per_epoch())]
-    assert batches.epoch == 0
+    assert batches.schedule.epoch == 0
     docs = []
     for batch in rows:
         assert batch["input_ids"].shape == (1, small.max_seq_len)
@@ -323,12 +324,12 @@ def test_packing_serves_every_sample_once_per_epoch(small):
         # Documents are contiguous, numbered in order, and padding (-1) only at the end.
         assert (doc_ids[: (doc_ids >= 0).sum()] == torch.repeat_interleave(
             torch.arange(n_docs), torch.bincount(doc_ids[doc_ids >= 0]))).all()
-        assert (batch["labels"][0][doc_ids < 0] == IGNORE_INDEX).all()
+        assert (batch["targets"][0][doc_ids < 0] == IGNORE_INDEX).all()
         assert (batch["input_ids"][0][doc_ids < 0] == small.pad_id).all()
         docs += documents(batch)
     for ids, labels, positions in docs:
         assert positions == list(range(len(ids)))  # positions restart in each document
-    expected = [(small[i]["input_ids"].tolist(), small[i]["labels"].tolist()) for i in range(len(small))]
+    expected = [(small[i]["input_ids"].tolist(), small[i]["targets"].tolist()) for i in range(len(small))]
     assert sorted((ids, labels) for ids, labels, _ in docs) == sorted(expected)
     # Packing packed: several samples share a row.
     assert len(rows) < len(small) / 2
@@ -339,11 +340,11 @@ def loss(model, batches):
     total, count = 0.0, 0
     for batch in batches:
         vocab = model.config.vocab_size
-        labels = torch.where(batch["labels"] == IGNORE_INDEX, IGNORE_INDEX, batch["labels"] % vocab)
-        mask = packed_attention_mask(batch["document_ids"]) if "document_ids" in batch else None
+        labels = torch.where(batch["targets"] == IGNORE_INDEX, IGNORE_INDEX, batch["targets"] % vocab)
+        mask = document_mask(batch["document_ids"]) if "document_ids" in batch else None
         logits = model(batch["input_ids"] % vocab, position_ids=batch["position_ids"], attn_mask=mask)
         total += cross_entropy_sum(logits, labels).item()
-        count += num_trainable(batch)
+        count += num_targets(batch)
     return total / count
 
 
@@ -369,8 +370,8 @@ def test_flex_block_mask_matches_the_dense_mask(small):
     batch = next(ChatBatches(small, batch_size=2, pack=True).iter_eval())
     ids, pos = batch["input_ids"] % model.config.vocab_size, batch["position_ids"]
     with torch.no_grad():
-        dense = model(ids, position_ids=pos, attn_mask=packed_attention_mask(batch["document_ids"]))
-        flex = model(ids, position_ids=pos, attn_mask=flex_block_mask(batch["document_ids"]))
+        dense = model(ids, position_ids=pos, attn_mask=document_mask(batch["document_ids"]))
+        flex = model(ids, position_ids=pos, attn_mask=document_block_mask(batch["document_ids"]))
     torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-4)  # a wrong mask moves logits by ~1
 
 
@@ -386,7 +387,7 @@ def test_batches_are_deterministic_and_resume_exactly(small, pack):
     for expected in run:
         batch = again.next_batch()
         assert all(torch.equal(batch[k], expected[k]) for k in expected)
-    assert first.epoch == 2
+    assert first.schedule.epoch == 2
     # Each epoch, and each seed, is a new order.
     assert not all(torch.equal(run[i]["input_ids"], run[per_epoch + i]["input_ids"]) for i in range(per_epoch))
     other = make(seed=1)
@@ -418,7 +419,7 @@ def test_ranks_split_the_global_batch(small, pack):
         else:
             rows = [unpadded(p, b) for p in parts for b in range(2)]
             assert rows == [unpadded(expected, b) for b in range(4)]
-        assert sum(num_trainable(p) for p in parts) == num_trainable(expected)
+        assert sum(num_targets(p) for p in parts) == num_targets(expected)
     assert ranks[0].state_dict() == whole.state_dict()
 
 
@@ -435,7 +436,7 @@ def test_eval_covers_every_sample_on_every_rank_count(small, pack):
             assert len(evals) == -(-units // (3 * world))  # the same number on every rank
             for batch in evals:
                 assert batch["input_ids"].shape[0] == 3
-                trained += num_trainable(batch)
+                trained += num_targets(batch)
                 if pack:
                     served += [ids for ids, _, _ in documents(batch)]
                 else:

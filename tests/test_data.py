@@ -1,4 +1,4 @@
-"""train/data.py: shards equal transformers' tokenization, the trained tokenizer loads in
+"""train/corpus.py and train/batching.py's TokenWindows: shards equal transformers' tokenization, the trained tokenizer loads in
 transformers, and the loader is deterministic, rank-invariant and resumable."""
 
 import gzip
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from train import data
-from train.data import TokenWindows, load_meta, prepare
+from train import corpus as data
+from train.batching import TokenWindows
+from train.corpus import load_meta, prepare
 
 transformers = pytest.importorskip("transformers")
 
@@ -209,7 +210,8 @@ def write_shards(data_dir, train_sizes, val_sizes=(100,)):
 
 
 def take(loader, n):
-    return [loader.next_batch() for _ in range(n)]
+    """n batches as (input_ids, targets) pairs."""
+    return [(b["input_ids"], b["targets"]) for b in (loader.next_batch() for _ in range(n))]
 
 
 def assert_same(batches_a, batches_b):
@@ -271,7 +273,7 @@ def test_resume_continues_exactly(tmp_path):
 def test_eval_batches_are_in_order_and_leave_state_alone(tmp_path):
     write_shards(tmp_path, train_sizes=[100], val_sizes=[41])  # 10 windows of seq_len 4
     loader = TokenWindows(tmp_path, "val", 4, batch_size=2, rank=1, world_size=2)
-    batches = list(loader.iter_eval())
+    batches = [(b["input_ids"], b["targets"]) for b in loader.iter_eval()]
     assert len(batches) == 2  # 10 windows // global batch 4
     assert batches[0][0][:, 0].tolist() == [8, 12]  # rank 1 of global batch 0: windows 2 and 3
     assert batches[1][0][:, 0].tolist() == [24, 28]

@@ -19,7 +19,7 @@ from checkpoints.io import latest_checkpoint
 from tests.conftest import ROOT
 from model import gpt
 from train.config import parse_config
-from train.data import prepare
+from train.corpus import prepare
 from train.pretrain import PretrainConfig, main
 
 CORPUS = ROOT / "train" / "assets" / "tinyshakespeare.txt"
@@ -159,7 +159,7 @@ def test_final_export_loads_in_transformers(data_dir, tmp_path):
 
     from checkpoints.convert import convert
     from model.gpt import GPT
-    from train.config import model_config
+    from train.config import resolve_model
 
     run_inprocess(data_dir, tmp_path, "--steps", "2", "--global_batch", "2", "--micro_batch", "2")
     final = tmp_path / "final"
@@ -168,7 +168,7 @@ def test_final_export_loads_in_transformers(data_dir, tmp_path):
     ids = torch.tensor([tok.encode("ROMEO: what light through yonder window breaks")])
     # Our model from the training checkpoint, not from the export, so the export itself is tested.
     cfg = parse_config(PretrainConfig, args_for(data_dir, tmp_path))
-    mcfg, _ = model_config(cfg.model)
+    mcfg, _ = resolve_model(cfg.model)
     ours = GPT(mcfg)
     ours.reset_rope()
     ckpt_io.load_checkpoint(latest_checkpoint(tmp_path), ours, None)
@@ -235,21 +235,15 @@ def test_bad_inputs_name_the_field(data_dir, tmp_path):
 def test_every_yaml_config_parses():
     from train.config import parse_config as parse
 
-    loops = {"pretrain": PretrainConfig}
-    try:
-        from train.sft import SFTConfig
-        loops["sft"] = SFTConfig
-    except ImportError:
-        pass
-    try:
-        from train.lora import LoRAConfig
-        loops["lora"] = LoRAConfig
-    except ImportError:
-        pass
+    from train.lora import LORA_DEFAULTS
+    from train.sft import SFTConfig
+
+    loops = {"pretrain": (PretrainConfig, None), "sft": (SFTConfig, None), "lora": (SFTConfig, LORA_DEFAULTS)}
     files = sorted((ROOT / "configs").glob("*/*.yaml"))
     assert files
     for f in files:
         loop = f.parent.name
         assert loop in loops, f"{f}: no loop named {loop}"
         yaml.safe_load(f.read_text())
-        parse(loops[loop], ["--config", str(f)])
+        cls, defaults = loops[loop]
+        parse(cls, ["--config", str(f)], defaults=defaults)

@@ -1,6 +1,5 @@
-"""The supervised fine-tuning data pipeline: chat files -> tokenized samples -> (B, T) batches.
-
-Shared by the SFT and LoRA loops, and meant for DPO's too (row reading, `tokenize_conversation`, `first_fit`).
+"""Chat data: files -> rows -> messages -> tokenized samples, for SFT (and the row reading and
+tokenizing under preference data).
 
 Reading. .jsonl (.jsonl.gz), .json (one list of rows) and .parquet files. Each row is one
 conversation, in any of these shapes, detected row by row:
@@ -18,33 +17,21 @@ on_bad_row="skip" it is skipped and counted under its reason (BAD_ROW_REASONS).
 Samples. Each conversation is rendered by the tokenizer's chat template (`encode_chat`) and stored as
 two int arrays of the same length L:
     input_ids (L,)  the rendered conversation
-    labels    (L,)  labels[t] = input_ids[t + 1] if token t + 1 is trained, else IGNORE_INDEX;
-                    labels[L - 1] = IGNORE_INDEX
-Labels are already shifted: the loop computes cross_entropy(model(input_ids), labels) as it is.
+    targets   (L,)  targets[t] = input_ids[t + 1] if token t + 1 is trained, else IGNORE_INDEX;
+                    targets[L - 1] = IGNORE_INDEX
+Targets are already shifted: the loop computes cross_entropy(model(input_ids), targets) as it is.
 Trained tokens are the assistant's (train_on="assistant": its content and end-of-turn token, as
 `encode_chat`'s mask says) or every token (train_on="all"). A conversation longer than max_seq_len
-is truncated to its first max_seq_len tokens (its last label is then the next token of the full
+is truncated to its first max_seq_len tokens (its last target is then the next token of the full
 conversation) or dropped (overlong="drop"); one left with no trained token is dropped. Every
 sample is tokenized once, when the dataset is built.
 
-Batches. `ChatBatches` serves each rank its micro-batch of a global batch, like train/data.py's
-TokenWindows: each epoch visits its units in an order seeded by (seed, epoch), global batch i is
-units [i*G, (i+1)*G) with G = batch_size * world_size, and rank r takes the r-th batch_size of them.
-    pack=False: a unit is one sample. A micro-batch is right-padded to its longest sample (pad_id,
-        labels IGNORE_INDEX). Causal attention needs no mask: padding comes after every real token.
-        {input_ids, labels, position_ids}, each (B, T).
-    pack=True: a unit is one row of exactly max_seq_len tokens, samples packed into it first-fit
-        in the epoch's shuffled order (a sample is never split), the rest padding.
-        {input_ids, labels, position_ids, document_ids}, each (B, max_seq_len); positions restart at
-        0 in each sample, document_ids number the samples of a row 0, 1, ... and padding is -1. The
-        loop passes attn_mask=model.gpt.packed_attention_mask(document_ids) (dense, CPU) or
-        flex_block_mask(document_ids) (CUDA).
-The loss of a step is the sum over its micro-batches and ranks, divided by their number of trained
-tokens (`num_trainable`), so packing and batch shape do not change it.
+Batching and packing live in train/batching.py (ChatBatches); train/preference_data.py builds
+preference pairs on the same row reading and tokenizing.
 
 Deliberately left out: multi-process tokenization (about 1 ms per conversation here), tool calls
 and multimodal content (only role and content are kept), per-row system prompts for formats other
-than ShareGPT, length-grouped batching, and streaming of datasets that do not fit in memory.
+than ShareGPT, and streaming of datasets that do not fit in memory.
 """
 
 import gzip
@@ -56,7 +43,6 @@ from pathlib import Path
 
 import jinja2
 import numpy as np
-import torch
 
 from algos.logprobs import IGNORE_INDEX
 
@@ -251,7 +237,7 @@ def check_conversation(messages: list[dict]) -> None:
 # ----------------------------------------------------------------------------- tokenizing
 
 def tokenize_conversation(tokenizer, messages, train_on="assistant") -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, labels), int32 arrays of one length L; labels[t] is the target of position t:
+    """(input_ids, targets), int32 arrays of one length L; targets[t] is the target of position t:
     input_ids[t + 1] where that token is trained, else IGNORE_INDEX (and always at L - 1)."""
     try:
         ids, mask = tokenizer.encode_chat(messages)
@@ -259,14 +245,14 @@ def tokenize_conversation(tokenizer, messages, train_on="assistant") -> tuple[np
         raise BadRow("template_error", f"the chat template cannot render it: {e}") from None
     ids = np.asarray(ids, dtype=np.int32)
     trained = np.ones(len(ids), bool) if train_on == "all" else np.asarray(mask, bool)
-    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
-    labels[:-1] = np.where(trained[1:], ids[1:], IGNORE_INDEX)
-    return ids, labels
+    targets = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+    targets[:-1] = np.where(trained[1:], ids[1:], IGNORE_INDEX)
+    return ids, targets
 
 
 class SFTDataset:
     """Every conversation of the input files, tokenized once. `dataset[i]` is {"input_ids": (L,),
-    "labels": (L,)} (int32 numpy arrays, labels shifted as the module docstring says); `stats` counts
+    "targets": (L,)} (int32 numpy arrays, targets shifted as the module docstring says); `stats` counts
     rows read, skipped by reason, truncated, dropped, tokens and trained tokens."""
 
     def __init__(self, paths, tokenizer, max_seq_len, train_on="assistant", overlong="truncate",
@@ -291,7 +277,7 @@ class SFTDataset:
 
         skipped, dropped = Counter(), Counter()
         rows = truncated = 0
-        ids_parts, label_parts, lengths = [], [], []
+        ids_parts, target_parts, lengths = [], [], []
         start = last_report = time.time()
         for path in paths:
             for where, row in iter_rows(path):
@@ -299,7 +285,7 @@ class SFTDataset:
                 try:
                     if isinstance(row, BadRow):
                         raise row
-                    ids, labels = tokenize_conversation(tokenizer, to_messages(row), train_on)
+                    ids, targets = tokenize_conversation(tokenizer, to_messages(row), train_on)
                 except BadRow as e:
                     if on_bad_row == "raise":
                         raise ValueError(f"{where}: {e} (on_bad_row='skip' skips such rows)") from None
@@ -309,13 +295,13 @@ class SFTDataset:
                     if overlong == "drop":
                         dropped["too_long"] += 1
                         continue
-                    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+                    ids, targets = ids[:max_seq_len], targets[:max_seq_len]
                     truncated += 1
-                if not (labels != IGNORE_INDEX).any():
+                if not (targets != IGNORE_INDEX).any():
                     dropped["no_trainable"] += 1
                     continue
                 ids_parts.append(ids)
-                label_parts.append(labels)
+                target_parts.append(targets)
                 lengths.append(len(ids))
                 if progress and time.time() - last_report >= (1.0 if sys.stderr.isatty() else 30.0):
                     last_report = time.time()
@@ -330,7 +316,7 @@ class SFTDataset:
 
         # All samples in two flat arrays: far less memory than a Python list per sample.
         self._ids = np.concatenate(ids_parts)
-        self._labels = np.concatenate(label_parts)
+        self._targets = np.concatenate(target_parts)
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
         self.stats = {
@@ -340,7 +326,7 @@ class SFTDataset:
             "dropped": dict(dropped),
             "samples": len(lengths),
             "tokens": int(self.lengths.sum()),
-            "trainable_tokens": int((self._labels != IGNORE_INDEX).sum()),
+            "trainable_tokens": int((self._targets != IGNORE_INDEX).sum()),
         }
 
     def __len__(self):
@@ -348,7 +334,7 @@ class SFTDataset:
 
     def __getitem__(self, i):
         a, b = self._offsets[i], self._offsets[i + 1]
-        return {"input_ids": self._ids[a:b], "labels": self._labels[a:b]}
+        return {"input_ids": self._ids[a:b], "targets": self._targets[a:b]}
 
     def summary(self) -> str:
         s = self.stats
@@ -365,9 +351,9 @@ class SFTDataset:
 
 def format_example(tokenizer, sample) -> str:
     """One sample as text, each run of trained tokens wrapped in [[ ]], for the start-of-run printout.
-    Token t is trained when labels[t - 1] is not IGNORE_INDEX (labels are shifted)."""
+    Token t is trained when targets[t - 1] is not IGNORE_INDEX (targets are shifted)."""
     ids = [int(i) for i in sample["input_ids"]]
-    trained = [False] + [int(label) != IGNORE_INDEX for label in sample["labels"][:-1]]
+    trained = [False] + [int(t) != IGNORE_INDEX for t in sample["targets"][:-1]]
     out, start = [], 0
     for t in range(1, len(ids) + 1):
         if t == len(ids) or trained[t] != trained[start]:
@@ -375,196 +361,3 @@ def format_example(tokenizer, sample) -> str:
             out.append(f"[[{text}]]" if trained[start] else text)
             start = t
     return "".join(out)
-
-
-# ----------------------------------------------------------------------------- batching
-
-def first_fit(lengths, capacity) -> list[list[int]]:
-    """Pack items, in order, into bins of `capacity`: each goes into the first bin with room for it,
-    or a new bin. Returns each bin's item indices. Every length must be <= capacity.
-
-    A segment tree over the free space of n bins (enough for n items) finds the first fit in
-    O(log n); unused bins have all their space, so the leftmost fit is an open bin or the next new one.
-    """
-    size = 1
-    while size < max(len(lengths), 1):
-        size *= 2
-    free = [capacity] * (2 * size)  # node k: the most free space of any bin below it; leaves at size + bin
-    bins = []
-    for item, length in enumerate(lengths):
-        node = 1
-        while node < size:
-            node = 2 * node if free[2 * node] >= length else 2 * node + 1
-        b = node - size
-        if b == len(bins):
-            bins.append([])
-        bins[b].append(item)
-        free[node] -= length
-        node //= 2
-        while node:
-            free[node] = max(free[2 * node], free[2 * node + 1])
-            node //= 2
-    return bins
-
-
-def num_trainable(batch) -> int:
-    """Trained tokens in a batch (labels != IGNORE_INDEX): summed over micro-batches and ranks, it is
-    the loss normaliser. Call it before moving the batch to the GPU, to avoid a sync."""
-    return int((batch["labels"] != IGNORE_INDEX).sum())
-
-
-class ChatBatches:
-    """This rank's micro-batches of an SFTDataset: dicts of (B, T) int64 tensors (see the module
-    docstring). A global batch is batch_size * world_size samples (pack=False) or packed rows of
-    max_seq_len tokens (pack=True). Units left over at an epoch's end (< one global batch) are
-    skipped. The state is (epoch, position in units), so a resumed run continues exactly, also on
-    another number of ranks as long as the global batch is the same."""
-
-    def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, pack=False, pin_memory=False):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
-        self.seed, self.pack, self.pin_memory = seed, pack, pin_memory
-        self.epoch, self.position = 0, 0
-        self._cache = {}  # epoch -> units
-        units = len(self._units(0))
-        if units < self.global_batch:
-            what = f"packed rows of {dataset.max_seq_len} tokens" if pack else "samples"
-            raise ValueError(f"the chat data makes {units} {what}; one global batch (batch_size {batch_size} x "
-                             f"world_size {world_size}) needs {self.global_batch}. Use more data or a smaller batch")
-
-    @property
-    def global_batch(self):
-        return self.batch_size * self.world_size
-
-    def _order(self, epoch):
-        """The samples in epoch order; epoch None means the file order (evaluation)."""
-        n = len(self.dataset)
-        return np.arange(n) if epoch is None else np.random.default_rng([self.seed, epoch]).permutation(n)
-
-    def _units(self, epoch):
-        """The epoch's units: sample indices (pack=False) or rows, each a list of sample indices.
-        Kept for the current epoch and for evaluation (epoch None), so an evaluation does not repack."""
-        if epoch not in self._cache:
-            order = self._order(epoch)
-            if self.pack:
-                bins = first_fit(self.dataset.lengths[order].tolist(), self.dataset.max_seq_len)
-                units = [[int(order[i]) for i in b] for b in bins]
-            else:
-                units = order.tolist()
-            if epoch is not None:
-                self._cache = {k: v for k, v in self._cache.items() if k is None}
-            self._cache[epoch] = units
-        return self._cache[epoch]
-
-    def batches_per_epoch(self):
-        """Global batches in the current epoch (with packing it can vary a little between epochs)."""
-        return len(self._units(self.epoch)) // self.global_batch
-
-    def next_batch(self):
-        """This rank's part of the next global batch."""
-        if self.position + self.global_batch > len(self._units(self.epoch)):
-            self.epoch, self.position = self.epoch + 1, 0
-            if self.global_batch > len(self._units(self.epoch)):
-                raise ValueError(f"epoch {self.epoch} packs into fewer rows than one global batch "
-                                 f"({self.global_batch}); use a smaller batch")
-        start = self.position + self.rank * self.batch_size
-        units = self._units(self.epoch)[start:start + self.batch_size]
-        self.position += self.global_batch
-        return self._collate(units)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.next_batch()
-
-    def iter_eval(self, max_batches=None):
-        """Every sample once, in file order, without touching the training position: the same set at
-        every evaluation. The last global batch is filled up with rows of padding (no trained token),
-        so every rank runs the same number of batches."""
-        units = self._units(None)
-        num_batches = -(-len(units) // self.global_batch)
-        if max_batches is not None:
-            num_batches = min(num_batches, max_batches)
-        for i in range(num_batches):
-            start = i * self.global_batch + self.rank * self.batch_size
-            mine = units[start:start + self.batch_size]
-            yield self._collate(mine + [None] * (self.batch_size - len(mine)))
-
-    def _collate(self, units):
-        """Units (None: a row of padding) -> a dict of (B, T) int64 tensors."""
-        B = len(units)
-        if self.pack:
-            T = self.dataset.max_seq_len
-        else:
-            T = max([int(self.dataset.lengths[i]) for i in units if i is not None], default=1)
-        input_ids = np.full((B, T), self.dataset.pad_id, dtype=np.int64)
-        labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
-        position_ids = np.zeros((B, T), dtype=np.int64)
-        document_ids = np.full((B, T), -1, dtype=np.int64)
-        for b, unit in enumerate(units):
-            samples = [] if unit is None else [unit] if not self.pack else unit
-            pos = 0
-            for doc, i in enumerate(samples):
-                sample = self.dataset[i]
-                L = len(sample["input_ids"])
-                input_ids[b, pos:pos + L] = sample["input_ids"]
-                labels[b, pos:pos + L] = sample["labels"]
-                position_ids[b, pos:pos + L] = np.arange(L)
-                document_ids[b, pos:pos + L] = doc
-                pos += L
-            if not self.pack:
-                position_ids[b, pos:] = np.arange(pos, T)  # padding continues the positions; it is never attended to
-        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-        if self.pack:
-            batch["document_ids"] = document_ids
-        batch = {k: torch.from_numpy(v) for k, v in batch.items()}
-        if self.pin_memory:
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-        return batch
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state):
-        """Continue where a saved run stopped; its seed wins, so the data order is the saved run's."""
-        self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
-        self._cache = {}
-
-
-# ----------------------------------------------------------------------------- attention masks
-
-def document_mask_mod(document_ids):
-    """FlexAttention mask_mod for packed rows: causal, and only within one document. document_ids (B, T)."""
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
-
-    return mask_mod
-
-
-def flex_block_mask(document_ids):
-    """The BlockMask equivalent of model.gpt.packed_attention_mask(document_ids), for
-    model(..., attn_mask=...) on CUDA: attention skips the blocks that cross documents. Build it once
-    per micro-batch, on the GPU (document_ids already there); all layers share it."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    B, T = document_ids.shape
-    return create_block_mask(document_mask_mod(document_ids), B, None, T, T, device=document_ids.device)
-
-
-def attention_mask_for(batch):
-    """The attn_mask a batch needs: None for unpacked rows (causal attention suffices), a
-    FlexAttention BlockMask for packed rows on CUDA, the dense equivalent elsewhere (FlexAttention
-    has no CPU backward). Call after moving the batch to its device."""
-    document_ids = batch.get("document_ids")
-    if document_ids is None:
-        return None
-    if document_ids.device.type == "cuda":
-        return flex_block_mask(document_ids)
-    from model.gpt import packed_attention_mask
-
-    return packed_attention_mask(document_ids)

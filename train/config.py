@@ -19,10 +19,12 @@ from typing import Literal, TypeVar
 
 from jsonargparse import ArgumentParser, set_parsing_settings
 
+from model.lora import LoRAConfig  # noqa: F401  (the `lora:` section of every fine-tuning loop)
+
 
 @dataclass
-class ModelSpec:
-    """Which network to train."""
+class ModelSource:
+    """Where the network comes from: a preset shape (random init) or a checkpoint."""
 
     preset: str | None = None
     """A named shape from model/config.py (random init), e.g. tiny, llama-3.2-1b."""
@@ -36,7 +38,7 @@ class ModelSpec:
 
 @dataclass
 class OptimConfig:
-    """AdamW with warmup and decay; no weight decay on norms, biases and embeddings' scales."""
+    """AdamW with warmup and decay; weight decay on matrices (embeddings included), none on norms and biases."""
 
     lr: float = 3e-4
     """Peak learning rate, reached after warmup."""
@@ -125,14 +127,18 @@ class ChatDataConfig:
 T = TypeVar("T")
 
 
-def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
-    """Parse --config YAML files and dotted flags into `cls`."""
+def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None,
+                 defaults: dict | None = None) -> T:
+    """Parse --config YAML files and dotted flags into `cls`. `defaults` ({"out_dir": ..., "lora": {...}})
+    replace the dataclass's own defaults, below what a config file or flag sets."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     spec = getattr(sys.modules[cls.__module__], "__spec__", None)  # set when run as python -m train.<loop>
     prog = f"python -m {spec.name}" if spec is not None else None
     parser = ArgumentParser(prog=prog, description=description or cls.__doc__)
     parser.add_argument("--config", action="config", help="YAML file with any of the fields below.")
     parser.add_class_arguments(cls, None, as_group=False)
+    if defaults:
+        parser.set_defaults(defaults)
     ns = parser.parse_args(argv)
     del ns["config"]
     ns = parser.instantiate(ns)  # nested dataclasses built
@@ -143,11 +149,17 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Settings a resumed run may change without changing what is trained; the same list for every loop
+# (a key a loop does not have is simply never compared).
+RESUMABLE_KEYS = ("steps", "epochs", "stop_at_step", "out_dir", "device", "eval_every", "eval_batches",
+                  "sample_prompt", "sample_tokens", "micro_batch", "parallel", "checkpoint", "log",
+                  "max_skipped_steps", "data.dir", "data.inputs", "lora.merge")
 
 
-def model_config(spec: ModelSpec):
-    """The ModelConfig a ModelSpec names, and the checkpoint directory to load (or None)."""
-    from checkpoints.hf import load_hf_config, resolve_checkpoint
+def resolve_model(spec: ModelSource):
+    """The ModelConfig (architecture) a ModelSource names, and the checkpoint directory to load (or None)."""
+    from checkpoints.download import resolve_checkpoint
+    from checkpoints.hf import load_hf_config
     from model.config import ModelConfig
 
     if spec.checkpoint:

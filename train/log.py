@@ -117,8 +117,9 @@ def _plain(metrics: dict) -> dict:
 class Throughput:
     """Tokens/s, MFU and ETA over the steps since the last report."""
 
-    def __init__(self, flops_per_token: float, device: torch.device, world_size: int):
+    def __init__(self, flops_per_token: float, device: torch.device, world_size: int, tokens_seen: int = 0):
         self.flops_per_token = flops_per_token
+        self.tokens_seen = tokens_seen  # over the whole run, resumed runs included: the x axis of loss curves
         self.peak = peak_flops(device)
         self.device = device
         self.world_size = world_size
@@ -127,6 +128,7 @@ class Throughput:
 
     def add(self, tokens: int) -> None:
         self.tokens += tokens
+        self.tokens_seen += tokens
 
     def report(self, steps_left: int, steps_done: int) -> dict:
         """Figures since the previous report (tokens counted over all ranks)."""
@@ -136,6 +138,7 @@ class Throughput:
         elapsed = max(now - self.t0, 1e-9)
         tps = self.tokens / elapsed
         out = {
+            "tokens": self.tokens_seen,
             "tokens_per_s": tps,
             "eta_s": elapsed / max(steps_done, 1) * steps_left,
             "mfu": tps * self.flops_per_token / (self.peak * self.world_size) if self.peak else None,

@@ -17,32 +17,30 @@ Left out on purpose: tensor/pipeline/context parallelism, float8, MoE, curriculu
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 
-from checkpoints.convert import export_hf
-from checkpoints.hf import load_hf_weights_
-from checkpoints.io import check_resume_config, load_checkpoint, resume_path, save_checkpoint
+from checkpoints.hf import export_hf
+from checkpoints.io import save_checkpoint
 from model.gpt import GPT
+from train.batching import TokenWindows, num_targets, to_device
 from train.config import (
-    CheckpointConfig, LogConfig, ModelSpec, OptimConfig, ParallelConfig, model_config, parse_config, to_dict,
+    CheckpointConfig, LogConfig, ModelSource, OptimConfig, ParallelConfig, parse_config, resolve_model, to_dict,
 )
-from train.data import TokenWindows, load_meta, prepare, unigram_baseline
+from train.corpus import load_meta, prepare, unigram_baseline
 from train.dist import all_reduce_sum, barrier, catch_stop_signals, setup_distributed, teardown_distributed
-from train.log import MetricsLogger, Throughput
+from train.log import Throughput
 from train.optim import build_optimizer, clip_grad_norm_, lr_at
 from train.parallel import autocast, parallelize
+from train.run import check_finite, evaluate_loss, load_or_init_weights, resume_or_start, start_run
 
 
 @dataclass
 class PretrainData:
-    """Token shards made by `python -m train.data prepare` (made here on first use from `inputs`)."""
+    """Token shards made by `python -m train.corpus prepare` (made here on first use from `inputs`)."""
 
     dir: str = "runs/data/shakespeare"
     """Folder with meta.json and the token shards."""
@@ -93,7 +91,7 @@ class PretrainConfig:
     """Text the final model continues at the end of the run."""
     sample_tokens: int = 200
     """Tokens of that sample (0 skips it)."""
-    model: ModelSpec = field(default_factory=lambda: ModelSpec(preset="tiny"))
+    model: ModelSource = field(default_factory=lambda: ModelSource(preset="tiny"))
     """The network."""
     data: PretrainData = field(default_factory=PretrainData)
     """The corpus."""
@@ -107,18 +105,10 @@ class PretrainConfig:
     """Logging."""
 
 
-# Settings a resumed run may change without changing what is trained.
-RESUMABLE_CHANGES = ("steps", "stop_at_step", "out_dir", "device", "eval_every", "eval_batches", "sample_prompt",
-                     "sample_tokens", "micro_batch", "parallel", "checkpoint", "log", "max_skipped_steps", "data.dir",
-                     "data.inputs")
-
-
 def main(cfg: PretrainConfig) -> dict:
     dist = setup_distributed(cfg.device)
     out_dir = Path(cfg.out_dir)
-    logger = MetricsLogger(out_dir, cfg.log, enabled=dist.is_main, run_config=to_dict(cfg))
-    if dist.is_main:
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    logger = start_run(cfg.out_dir, cfg.log, cfg, dist)
 
     # ---- data: tokenized shards (prepared once, by rank 0)
     data_dir = Path(cfg.data.dir)
@@ -139,7 +129,7 @@ def main(cfg: PretrainConfig) -> dict:
         raise ValueError(f"global_batch {global_batch} must be a multiple of micro_batch {cfg.micro_batch} "
                          f"x world size {dist.world_size}")
     accum_steps = global_batch // (cfg.micro_batch * dist.world_size)
-    mcfg, ckpt_dir = model_config(cfg.model)
+    mcfg, ckpt_dir = resolve_model(cfg.model)
     if meta["vocab_size"] > mcfg.vocab_size:
         raise ValueError(f"model vocab_size {mcfg.vocab_size} is smaller than the tokenizer's {meta['vocab_size']} "
                          f"ids ({data_dir / 'meta.json'}); set model.vocab_size")
@@ -148,115 +138,96 @@ def main(cfg: PretrainConfig) -> dict:
     train_data = TokenWindows(data_dir, "train", seq_len, cfg.micro_batch, dist.rank, dist.world_size, cfg.seed,
                               pin_memory=dist.device.type == "cuda")
     val_data = TokenWindows(data_dir, "val", seq_len, cfg.micro_batch, dist.rank, dist.world_size, cfg.seed)
+    steps = cfg.steps
+    tokenizer_dir = ckpt_dir or meta.get("tokenizer")
 
-    # ---- model: built on meta, parallelized, then materialised on the device
+    # ---- model: built on meta, parallelized (checkpointing, compile, FSDP2), materialised, then
+    # initialised or loaded shard by shard
     with torch.device("meta"):
         model = GPT(mcfg)
     model = parallelize(model, cfg.parallel, dist)
     model.to_empty(device=dist.device)
-    if ckpt_dir is not None:
-        load_hf_weights_(model, ckpt_dir)
-    else:
-        model.init_weights(seed=cfg.seed)
+    load_or_init_weights(model, ckpt_dir, cfg.seed)
     optimizer = build_optimizer(model, cfg.optim, dist.device)
-    tokenizer_dir = ckpt_dir or meta.get("tokenizer")
 
     # ---- resume from the newest complete checkpoint (any world size)
-    start_step, skipped = 0, 0
-    resume_from = resume_path(out_dir, cfg.checkpoint.resume)
-    if resume_from is not None:
-        start_step, extra, saved_cfg = load_checkpoint(resume_from, model, optimizer)
-        check_resume_config(saved_cfg, to_dict(cfg), ignore=RESUMABLE_CHANGES)
+    start_step, extra = resume_or_start(cfg.out_dir, cfg.checkpoint, cfg, model, optimizer, dist, logger)
+    skipped = extra["skipped_steps"] if extra else 0
+    if extra:
         train_data.load_state_dict(extra["data"])
-        skipped = extra["skipped_steps"]
-        logger.print(f"resumed from {resume_from} at step {start_step}")
 
     stop_signal = catch_stop_signals()
-    tokens_per_step = global_batch * seq_len
-    throughput = Throughput(mcfg.flops_per_token(seq_len), dist.device, dist.world_size)
+    throughput = Throughput(mcfg.flops_per_token(seq_len), dist.device, dist.world_size,
+                            tokens_seen=extra.get("tokens_seen", 0) if extra else 0)
     logger.print(f"model {mcfg.model_type} {mcfg.num_params() / 1e6:.2f}M params | world {dist.world_size} | "
                  f"global batch {global_batch} x {seq_len} tokens = {accum_steps} micro-batches of "
-                 f"{cfg.micro_batch} per rank | {cfg.steps} steps")
+                 f"{cfg.micro_batch} per rank | {steps} steps")
 
     def save(step: int) -> None:
-        extra = {"data": train_data.state_dict(), "skipped_steps": skipped,
+        extra = {"data": train_data.state_dict(), "skipped_steps": skipped, "tokens_seen": throughput.tokens_seen,
                  "model_config": dataclasses.asdict(mcfg), "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir else None}
         path = save_checkpoint(out_dir, step, model, optimizer, extra, to_dict(cfg), cfg.checkpoint.keep_last)
         logger.print(f"checkpoint saved: {path}")
 
+    def evaluate() -> dict:
+        return {"loss": evaluate_loss(model, val_data.iter_eval(cfg.eval_batches), dist, cfg.parallel)}
+
+    # ---- the step loop: the same lines in every loop (tests/test_skeleton.py), but for the algorithm's
     model.train()
     step = start_step
-    val_loss = None
-    while step < cfg.steps:
-        lr = lr_at(step, cfg.optim, cfg.steps)
+    val_metrics = {}
+    while step < steps:
+        lr = lr_at(step, cfg.optim, steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # Every token of the global batch weighs 1 / (global target tokens): summing the
-        # micro-batch losses gives the mean over the step whatever the split.
+        micro_batches = [train_data.next_batch() for _ in range(accum_steps)]
+        # >>> algorithm: next-token loss, summed over each micro-batch's target tokens and divided by the
+        # target tokens of the whole step (all micro-batches, all ranks), so every token weighs the same
+        step_tokens = all_reduce_sum(torch.tensor(float(sum(num_targets(b) for b in micro_batches)),
+                                                  device=dist.device))
         loss_sum = torch.zeros((), device=dist.device)
-        for _ in range(accum_steps):
-            input_ids, targets = train_data.next_batch()
-            input_ids = input_ids.to(dist.device, non_blocking=True)
-            targets = targets.to(dist.device, non_blocking=True)
+        for batch in micro_batches:
+            batch = to_device(batch, dist.device)
             with autocast(cfg.parallel, dist):
-                loss = model(input_ids, targets=targets) / tokens_per_step  # summed token loss / global tokens
+                loss = model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                             document_ids=batch.get("document_ids"), targets=batch["targets"]) / step_tokens
             loss.backward()
             loss_sum += loss.detach()
+        step_metrics = {}
+        # <<< algorithm
         # One all-reduce for the loss and the stop flag (any rank told to stop stops them all).
         step_stats = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop_signal["stop"]), device=dist.device)]))
 
         grad_norm = clip_grad_norm_(model, cfg.optim.grad_clip)
         loss_value, stop_votes, grad_norm_value = torch.cat([step_stats, grad_norm[None]]).tolist()  # one host sync
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
-                raise FloatingPointError(
-                    f"non-finite loss ({loss_value}) or gradient norm ({grad_norm_value}) at step {step + 1}; "
-                    f"{skipped} steps skipped before. The last checkpoint is untouched.")
-            skipped += 1
-            logger.print(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
-        else:
+        if check_finite(loss_value, grad_norm_value, step, cfg.nonfinite, skipped, cfg.max_skipped_steps, logger):
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        else:
+            skipped += 1
+        optimizer.zero_grad(set_to_none=True)
         step += 1
-        throughput.add(tokens_per_step)
+        throughput.add(sum(b["input_ids"].numel() for b in micro_batches) * dist.world_size)
 
-        if step % cfg.log.every == 0 or step == cfg.steps:
-            logger.log(step, {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
-                              "tokens": step * tokens_per_step, **throughput.report(cfg.steps - step, cfg.log.every)},
-                       cfg.steps)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            val_loss = evaluate(model, val_data, cfg.eval_batches, dist, cfg.parallel)
-            logger.log(step, {"loss": val_loss}, cfg.steps, prefix="val")
-            model.train()
+        if step % cfg.log.every == 0 or step == steps:
+            logger.log(step, {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value, **step_metrics,
+                              **throughput.report(steps - step, cfg.log.every)}, steps)
+        if val_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
+            val_metrics = evaluate()
+            logger.log(step, val_metrics, steps, prefix="val")
         stopping = stop_votes > 0 or step == cfg.stop_at_step
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or step == cfg.steps:
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or step == steps:
             save(step)
         if stopping:
             logger.print(f"stopped at step {step}; resume with the same command")
             break
 
-    result = {"step": step, "val_loss": val_loss}
-    if step == cfg.steps:
-        result.update(_finish(cfg, model, tokenizer_dir, data_dir, dist, logger, val_loss))
+    result = {"step": step, "val_loss": val_metrics.get("loss")}
+    if step == steps:
+        result.update(_finish(cfg, model, tokenizer_dir, data_dir, dist, logger, val_metrics.get("loss")))
     logger.close()
     teardown_distributed()
     return result
-
-
-@torch.no_grad()
-def evaluate(model, data: TokenWindows, max_batches: int, dist, parallel_cfg) -> float:
-    """Mean next-token loss over the first `max_batches` global batches of the split."""
-    model.eval()
-    total = torch.zeros(2, device=dist.device)  # (loss sum, tokens)
-    for input_ids, targets in data.iter_eval(max_batches):
-        input_ids, targets = input_ids.to(dist.device), targets.to(dist.device)
-        with autocast(parallel_cfg, dist):
-            total[0] += model(input_ids, targets=targets)
-        total[1] += targets.numel()
-    all_reduce_sum(total)
-    return (total[0] / total[1]).item()
 
 
 def _finish(cfg, model, tokenizer_dir, data_dir, dist, logger, val_loss) -> dict:
@@ -264,7 +235,7 @@ def _finish(cfg, model, tokenizer_dir, data_dir, dist, logger, val_loss) -> dict
     out = {}
     if cfg.checkpoint.export_hf:
         final = Path(cfg.out_dir) / "final"
-        export_hf(model, final, tokenizer_dir=tokenizer_dir)
+        export_hf(model, final, tokenizer=tokenizer_dir)
         logger.print(f"Hugging Face model written to {final}")
         out["final_dir"] = str(final)
     if dist.is_main:

@@ -1,14 +1,25 @@
-"""Supervised fine-tuning (all parameters) on chat data, one process or FSDP2 under torchrun.
+"""Supervised fine-tuning on chat data: every parameter, or LoRA / QLoRA adapters through the
+`lora:` section; one process or FSDP2 under torchrun.
 
     python -m train.sft --config configs/sft/qwen2.5-0.5b-fastchat.yaml
+    python -m train.sft --config configs/lora/qwen2.5-0.5b-fastchat.yaml          # a config with a lora: section
+    python -m train.lora --config configs/lora/qwen2.5-0.5b-fastchat.yaml --lora.quantize nf4   # QLoRA
     torchrun --nproc_per_node=8 -m train.sft --config configs/sft/qwen2.5-0.5b-fastchat.yaml
 
 Conversations (OpenAI messages, ShareGPT, prompt/completion or Alpaca rows) are rendered with the
 model's own chat template; the loss is on the assistant's tokens (its end-of-turn token included,
 so the model learns to stop), summed and divided by the number of trained tokens of the whole
 optimizer step over micro-batches and ranks. Optional packing puts several conversations in one
-row with attention blocked between them. At the end, `<out_dir>/final/` is the full model in
-Hugging Face format with its tokenizer.
+row with attention blocked between them.
+
+With `lora:` the targeted projections become LoRALinear (Hu et al. 2021,
+https://arxiv.org/abs/2106.09685) and only the adapters train; `lora.quantize: nf4` stores the
+frozen base in 4-bit NormalFloat (QLoRA, Dettmers et al. 2023, https://arxiv.org/abs/2305.14314).
+The base is then loaded whole on each rank, frozen (and quantized), and sharded after; checkpoints
+hold the adapters and their optimizer state only.
+
+At the end `<out_dir>/final/` is the full model in Hugging Face format with its tokenizer, or with
+LoRA a PEFT adapter (and with `lora.merge` also `final/merged/`, the base with the adapters folded in).
 
 Left out on purpose: multimodal data, tool-call rendering, NEFTune noise, sequence parallelism.
 """
@@ -16,38 +27,39 @@ Left out on purpose: multimodal data, tool-call rendering, NEFTune noise, sequen
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 
-from checkpoints.convert import export_hf
-from checkpoints.hf import load_hf_weights_
-from checkpoints.io import check_resume_config, load_checkpoint, resume_path, save_checkpoint
+from checkpoints.hf import export_hf
+from checkpoints.io import save_checkpoint
+from checkpoints.peft import export_lora
 from model.gpt import GPT
+from model.lora import apply_lora, freeze_base, init_lora_weights
 from model.tokenizer import Tokenizer
-from train.chat_data import ChatBatches, SFTDataset, attention_mask_for, format_example, num_trainable
+from train.batching import ChatBatches, num_targets, to_device
+from train.chat_data import SFTDataset, format_example
 from train.config import (
-    ChatDataConfig, CheckpointConfig, LogConfig, ModelSpec, OptimConfig, ParallelConfig, model_config, parse_config,
-    to_dict,
+    ChatDataConfig, CheckpointConfig, LogConfig, LoRAConfig, ModelSource, OptimConfig, ParallelConfig, parse_config,
+    resolve_model, to_dict,
 )
 from train.dist import all_reduce_sum, barrier, catch_stop_signals, setup_distributed, teardown_distributed
-from train.log import MetricsLogger, Throughput
+from train.log import Throughput
 from train.optim import build_optimizer, clip_grad_norm_, lr_at
 from train.parallel import autocast, parallelize
+from train.run import check_finite, evaluate_loss, load_or_init_weights, resume_or_start, start_run
 
 
 @dataclass
 class SFTConfig:
-    """Fine-tune every parameter of a model on chat data."""
+    """Fine-tune a model on chat data: every parameter, or LoRA / QLoRA adapters (`lora:`)."""
 
     out_dir: str = "runs/sft"
     """Run folder: config, metrics.jsonl, checkpoints, final/."""
     seed: int = 0
-    """Seed of the data order (and of dropout)."""
+    """Seed of the data order and of the initial adapters (dropout draws from torch's global generator)."""
     device: str = "auto"
     """auto (cuda if present), cuda or cpu."""
     steps: int | None = None
@@ -72,8 +84,10 @@ class SFTConfig:
     """User message the final model answers at the end of the run."""
     sample_tokens: int = 64
     """Tokens of that answer (0 skips it)."""
-    model: ModelSpec = field(default_factory=ModelSpec)
+    model: ModelSource = field(default_factory=ModelSource)
     """The network to fine-tune (model.checkpoint: an HF dir or Hub id)."""
+    lora: LoRAConfig | None = None
+    """LoRA / QLoRA adapters; null trains every parameter."""
     data: ChatDataConfig = field(default_factory=ChatDataConfig)
     """The chat data."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_steps=10, weight_decay=0.0))
@@ -86,21 +100,13 @@ class SFTConfig:
     """Logging."""
 
 
-# Settings a resumed run may change without changing what is trained.
-RESUMABLE_CHANGES = ("steps", "epochs", "stop_at_step", "out_dir", "device", "eval_every", "eval_batches",
-                     "sample_prompt", "sample_tokens", "micro_batch", "parallel", "checkpoint", "log",
-                     "max_skipped_steps")
-
-
 def main(cfg: SFTConfig) -> dict:
     dist = setup_distributed(cfg.device)
     out_dir = Path(cfg.out_dir)
-    logger = MetricsLogger(out_dir, cfg.log, enabled=dist.is_main, run_config=to_dict(cfg))
-    if dist.is_main:
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    logger = start_run(cfg.out_dir, cfg.log, cfg, dist)
 
     # ---- tokenizer and data: every conversation rendered with the model's chat template
-    mcfg, ckpt_dir = model_config(cfg.model)
+    mcfg, ckpt_dir = resolve_model(cfg.model)
     tokenizer_dir = cfg.data.tokenizer or ckpt_dir
     if tokenizer_dir is None:
         raise ValueError("data.tokenizer is required when the model is a preset (no checkpoint to take it from)")
@@ -127,87 +133,93 @@ def main(cfg: SFTConfig) -> dict:
                                cfg.seed, pack=cfg.data.pack)
     steps = cfg.steps or cfg.epochs * train_data.batches_per_epoch()
 
-    # ---- model: built on meta, parallelized, then the checkpoint's weights copied in
+    # ---- model: built on meta. Full fine-tuning shards it there and loads each rank's shard; LoRA
+    # swaps the adapters in, loads the base whole, freezes (and quantizes) it, then shards.
     with torch.device("meta"):
         model = GPT(mcfg)
-    model = parallelize(model, cfg.parallel, dist)
-    model.to_empty(device=dist.device)
-    if ckpt_dir is not None:
-        load_hf_weights_(model, ckpt_dir)
+    if cfg.lora is None:
+        model = parallelize(model, cfg.parallel, dist)
+        model.to_empty(device=dist.device)
+        load_or_init_weights(model, ckpt_dir, cfg.seed)
     else:
-        model.init_weights(seed=cfg.seed)
+        apply_lora(model, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora)
+        model.to_empty(device=dist.device)
+        load_or_init_weights(model, ckpt_dir, cfg.seed)
+        init_lora_weights(model, seed=cfg.seed)  # after the base: init_weights would also draw the adapters
+        freeze_base(model, cfg.lora, dist.device)
+        model = parallelize(model, cfg.parallel, dist)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = build_optimizer(model, cfg.optim, dist.device)
 
     # ---- resume from the newest complete checkpoint (any world size)
-    start_step, skipped = 0, 0
-    resume_from = resume_path(out_dir, cfg.checkpoint.resume)
-    if resume_from is not None:
-        start_step, extra, saved_cfg = load_checkpoint(resume_from, model, optimizer)
-        check_resume_config(saved_cfg, to_dict(cfg), ignore=RESUMABLE_CHANGES)
+    start_step, extra = resume_or_start(cfg.out_dir, cfg.checkpoint, cfg, model, optimizer, dist, logger,
+                                        trainable_only=cfg.lora is not None)
+    skipped = extra["skipped_steps"] if extra else 0
+    if extra:
         train_data.load_state_dict(extra["data"])
-        skipped = extra["skipped_steps"]
-        logger.print(f"resumed from {resume_from} at step {start_step}")
 
     stop_signal = catch_stop_signals()
-    throughput = Throughput(mcfg.flops_per_token(cfg.data.max_seq_len), dist.device, dist.world_size)
-    logger.print(f"model {mcfg.model_type} {mcfg.num_params() / 1e6:.2f}M params | world {dist.world_size} | "
+    throughput = Throughput(mcfg.flops_per_token(cfg.data.max_seq_len), dist.device, dist.world_size,
+                            tokens_seen=extra.get("tokens_seen", 0) if extra else 0)
+    what = "all trainable" if cfg.lora is None else (
+        f"{trainable / 1e6:.3f}M trainable (LoRA r={cfg.lora.r}{', NF4 base' if cfg.lora.quantize == 'nf4' else ''})")
+    logger.print(f"model {mcfg.model_type} {mcfg.num_params() / 1e6:.2f}M params, {what} | world {dist.world_size} | "
                  f"global batch {cfg.global_batch} = {accum_steps} micro-batches of {cfg.micro_batch} per rank | "
                  f"{steps} steps")
 
     def save(step: int) -> None:
-        extra = {"data": train_data.state_dict(), "skipped_steps": skipped,
+        extra = {"data": train_data.state_dict(), "skipped_steps": skipped, "tokens_seen": throughput.tokens_seen,
                  "model_config": dataclasses.asdict(mcfg), "tokenizer_dir": str(tokenizer_dir)}
-        path = save_checkpoint(out_dir, step, model, optimizer, extra, to_dict(cfg), cfg.checkpoint.keep_last)
+        path = save_checkpoint(out_dir, step, model, optimizer, extra, to_dict(cfg), cfg.checkpoint.keep_last,
+                               trainable_only=cfg.lora is not None)
         logger.print(f"checkpoint saved: {path}")
 
+    def evaluate() -> dict:
+        return {"loss": evaluate_loss(model, val_data.iter_eval(cfg.eval_batches), dist, cfg.parallel)}
+
+    # ---- the step loop: the same lines in every loop (tests/test_skeleton.py), but for the algorithm's
     model.train()
     step = start_step
-    val_loss = None
+    val_metrics = {}
     while step < steps:
         lr = lr_at(step, cfg.optim, steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # The loss is normalised by the trained tokens of the whole step (all micro-batches, all
-        # ranks), counted before any forward, so every trained token weighs the same.
         micro_batches = [train_data.next_batch() for _ in range(accum_steps)]
-        step_tokens = all_reduce_sum(torch.tensor(float(sum(num_trainable(b) for b in micro_batches)),
+        # >>> algorithm: next-token loss on the assistant's tokens, summed over each micro-batch and divided
+        # by the trained tokens of the whole step (all micro-batches, all ranks), so every token weighs the same
+        step_tokens = all_reduce_sum(torch.tensor(float(sum(num_targets(b) for b in micro_batches)),
                                                   device=dist.device))
         loss_sum = torch.zeros((), device=dist.device)
         for batch in micro_batches:
-            batch = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, dist.device)
             with autocast(cfg.parallel, dist):
-                loss = model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=attention_mask_for(batch),
-                             targets=batch["labels"]) / step_tokens  # summed over trained tokens / step's count
+                loss = model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                             document_ids=batch.get("document_ids"), targets=batch["targets"]) / step_tokens
             loss.backward()
             loss_sum += loss.detach()
+        step_metrics = {"trained_tokens": step_tokens}
+        # <<< algorithm
         # One all-reduce for the loss and the stop flag (any rank told to stop stops them all).
         step_stats = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop_signal["stop"]), device=dist.device)]))
 
         grad_norm = clip_grad_norm_(model, cfg.optim.grad_clip)
         loss_value, stop_votes, grad_norm_value = torch.cat([step_stats, grad_norm[None]]).tolist()  # one host sync
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.nonfinite == "error" or skipped >= cfg.max_skipped_steps:
-                raise FloatingPointError(
-                    f"non-finite loss ({loss_value}) or gradient norm ({grad_norm_value}) at step {step + 1}; "
-                    f"{skipped} steps skipped before. The last checkpoint is untouched.")
-            skipped += 1
-            logger.print(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
-        else:
+        if check_finite(loss_value, grad_norm_value, step, cfg.nonfinite, skipped, cfg.max_skipped_steps, logger):
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        else:
+            skipped += 1
+        optimizer.zero_grad(set_to_none=True)
         step += 1
         throughput.add(sum(b["input_ids"].numel() for b in micro_batches) * dist.world_size)
 
         if step % cfg.log.every == 0 or step == steps:
-            logger.log(step, {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
-                              "trained_tokens": int(step_tokens.item()),
+            logger.log(step, {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value, **step_metrics,
                               **throughput.report(steps - step, cfg.log.every)}, steps)
         if val_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
-            val_loss = evaluate(model, val_data, cfg.eval_batches, dist, cfg.parallel)
-            logger.log(step, {"loss": val_loss}, steps, prefix="val")
-            model.train()
+            val_metrics = evaluate()
+            logger.log(step, val_metrics, steps, prefix="val")
         stopping = stop_votes > 0 or step == cfg.stop_at_step
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or step == steps:
             save(step)
@@ -215,15 +227,20 @@ def main(cfg: SFTConfig) -> dict:
             logger.print(f"stopped at step {step}; resume with the same command")
             break
 
-    result = {"step": step, "val_loss": val_loss, "loss": loss_value if step > start_step else None}
+    result = {"step": step, "val_loss": val_metrics.get("loss"), "loss": loss_value if step > start_step else None}
     if step == steps and cfg.checkpoint.export_hf:
         final = out_dir / "final"
-        export_hf(model, final, tokenizer_dir=tokenizer_dir)
-        tokenizer.save(final)  # also writes the chat template the model was trained with
-        logger.print(f"Hugging Face model written to {final}")
+        if cfg.lora is None:
+            export_hf(model, final, tokenizer=tokenizer)
+            logger.print(f"Hugging Face model written to {final}")
+        else:
+            export_lora(model, final, ckpt_dir, tokenizer=tokenizer, merge=cfg.lora.merge, base_name=cfg.model.checkpoint)
+            logger.print(f"PEFT adapter written to {final}" + (f", merged model to {final / 'merged'}"
+                                                                 if cfg.lora.merge else ""))
         result["final_dir"] = str(final)
         if dist.is_main and cfg.sample_tokens:
-            result["sample"] = sample_chat(final, cfg.sample_prompt, cfg.sample_tokens, dist.device)
+            result["sample"] = sample_chat(final, ckpt_dir if cfg.lora else None, cfg.sample_prompt,
+                                           cfg.sample_tokens, dist.device)
             logger.print(f"--- sample ---\nuser: {cfg.sample_prompt}\nassistant: {result['sample']}\n--------------")
         barrier()
     logger.close()
@@ -231,28 +248,18 @@ def main(cfg: SFTConfig) -> dict:
     return result
 
 
-@torch.no_grad()
-def evaluate(model, data: ChatBatches, max_batches: int, dist, parallel_cfg) -> float:
-    """Mean loss per trained token over the first `max_batches` global batches."""
-    model.eval()
-    total = torch.zeros(2, device=dist.device)  # (loss sum, trained tokens)
-    for batch in data.iter_eval(max_batches):
-        total[1] += num_trainable(batch)
-        batch = {k: v.to(dist.device) for k, v in batch.items()}
-        with autocast(parallel_cfg, dist):
-            total[0] += model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=attention_mask_for(batch),
-                              targets=batch["labels"])
-    all_reduce_sum(total)
-    return (total[0] / total[1].clamp(min=1)).item()
-
-
-def sample_chat(model_dir, prompt: str, max_new_tokens: int, device) -> str:
-    """Greedy answer of the exported model to one user message (reloading it checks the export)."""
+def sample_chat(final_dir, base_dir, prompt: str, max_new_tokens: int, device) -> str:
+    """Greedy answer of the exported model (or base + exported adapter) to one user message;
+    reloading it from the files also checks the export."""
     from checkpoints.hf import load_hf
+    from checkpoints.peft import load_peft_adapter
     from model.generate import generate
 
-    tok = Tokenizer.from_dir(model_dir)
-    model = load_hf(model_dir, device=device).eval()
+    tok = Tokenizer.from_dir(final_dir)
+    if base_dir is None:
+        model = load_hf(final_dir, device=device).eval()
+    else:
+        model = load_peft_adapter(load_hf(base_dir, device=device), final_dir).eval()
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
     new = generate(model, [ids], max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
     return tok.decode(new)

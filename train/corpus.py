@@ -1,9 +1,9 @@
-"""The pretraining token pipeline: text files -> token shards on disk -> (B, T) batches.
+"""Corpus preparation, offline: text files -> a tokenizer (trained here if none is given) -> token
+shards on disk. Prepare once; every pretraining run then memory-maps the shards (train/batching.py's
+TokenWindows):
 
-Prepare once, then every pretraining run memory-maps the shards:
-
-    python -m train.data prepare --input train/assets/tinyshakespeare.txt --out data/shakespeare --vocab_size 4096
-    python -m train.data prepare --input a.jsonl.gz b.parquet --out data/web \
+    python -m train.corpus prepare --input train/assets/tinyshakespeare.txt --out data/shakespeare --vocab_size 4096
+    python -m train.corpus prepare --input a.jsonl.gz b.parquet --out data/web \
         --tokenizer /path/to/hf_tokenizer_dir --workers 8
 
 Inputs: .txt (the whole file is one document), .jsonl / .jsonl.gz and .parquet (one document per
@@ -22,16 +22,8 @@ Validation split: every 1/val_fraction-th document goes to val (spread over the 
 val covers every input rather than only the last file). When the corpus has too few documents
 for that (one big text file), the last val_fraction of the token stream goes to val instead.
 
-Training reads `TokenWindows`: the split's tokens cut into non-overlapping windows of seq_len + 1
-tokens, in a seeded random order per epoch, sliced into global batches of batch_size x world_size
-windows of which each rank takes its own batch_size. Its state is (epoch, position in windows),
-so a resumed run continues exactly where it stopped, also on a different number of ranks as long
-as the global batch is the same.
-
-Deliberately left out: documents are not packed with attention masks (windows run across EOS, as
-in GPT-2 and nanoGPT); windows never cross shard boundaries (each shard loses < seq_len tokens);
-no deduplication, filtering or remote streaming; no DataLoader worker processes (a batch is a few
-memmap slices, cheaper than the IPC a worker would cost).
+Deliberately left out: documents are not packed with attention masks (training windows run across
+EOS, as in GPT-2 and nanoGPT); no deduplication, filtering or remote streaming.
 """
 
 import argparse
@@ -46,7 +38,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 FORMAT_VERSION = 1
@@ -402,7 +393,7 @@ def load_meta(data_dir):
     data_dir = Path(data_dir)
     meta_file = data_dir / "meta.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{meta_file} not found: run `python -m train.data prepare --out {data_dir} ...`")
+        raise FileNotFoundError(f"{meta_file} not found: run `python -m train.corpus prepare --out {data_dir} ...`")
     meta = json.loads(meta_file.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta_file}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
@@ -417,99 +408,6 @@ def load_meta(data_dir):
                 raise ValueError(f"{path}: {path.stat().st_size} bytes, but {meta_file} says {shard['tokens']} "
                                  f"{meta['dtype']} tokens ({expected} bytes); the shard is truncated or stale")
     return meta
-
-
-class TokenWindows:
-    """(input_ids, targets) batches of shape (batch_size, seq_len) from one split's token shards.
-
-    The split is cut into non-overlapping windows of seq_len + 1 tokens starting every seq_len
-    tokens, within each shard. Each epoch visits the windows in a permutation seeded by (seed,
-    epoch); global batch i is windows [i*G, (i+1)*G) of it with G = batch_size * world_size, and
-    rank r takes the r-th batch_size of those. The windows left over at an epoch's end (< G) are
-    skipped, and a new permutation starts.
-    """
-
-    def __init__(self, data_dir, split, seq_len, batch_size, rank=0, world_size=1, seed=0, pin_memory=False):
-        self.data_dir = Path(data_dir)
-        meta = load_meta(self.data_dir)
-        if split not in meta["shards"]:
-            raise ValueError(f"{self.data_dir / 'meta.json'} has no split {split!r} (has {list(meta['shards'])})")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
-        self.rank, self.world_size, self.seed, self.pin_memory = rank, world_size, seed, pin_memory
-        self.meta = meta
-        dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-        shards = [s for s in meta["shards"][split] if s["tokens"] > 0]
-        self.shards = [np.memmap(self.data_dir / s["file"], dtype=dtype, mode="r") for s in shards]
-        self.tokens = sum(s["tokens"] for s in shards)
-        # Window w of the split is window w - first[k] of shard k, for first[k] <= w < first[k + 1].
-        windows_per_shard = [max(0, (len(m) - 1) // seq_len) for m in self.shards]
-        self._first = np.cumsum([0] + windows_per_shard)
-        self.num_windows = int(self._first[-1])
-        global_batch = batch_size * world_size
-        if self.num_windows < global_batch:
-            raise ValueError(
-                f"the {split!r} split of {self.data_dir} has {self.tokens:,} tokens in {len(shards)} shards, "
-                f"{self.num_windows} windows of seq_len {seq_len}; one global batch (batch_size {batch_size} x "
-                f"world_size {world_size}) needs {global_batch} windows, about {global_batch * seq_len + 1:,} "
-                f"tokens. Use more data, a smaller batch or a shorter seq_len")
-        self.epoch, self.position = 0, 0  # position counts global windows already served this epoch
-        self._order, self._order_epoch = None, None
-
-    def _permutation(self, epoch):
-        if self._order_epoch != epoch:  # one (num_windows,) int64 array, made once per epoch
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            self._order_epoch = epoch
-        return self._order
-
-    def next_batch(self):
-        """This rank's part of the next global batch: (input_ids, targets), each (B, T) int64."""
-        global_batch = self.batch_size * self.world_size
-        if self.position + global_batch > self.num_windows:
-            self.epoch, self.position = self.epoch + 1, 0
-        start = self.position + self.rank * self.batch_size
-        windows = self._permutation(self.epoch)[start:start + self.batch_size]
-        self.position += global_batch
-        return self._gather(windows)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.next_batch()
-
-    def iter_eval(self, max_batches=None):
-        """The split's first global batches in order, without shuffling and without touching the
-        training position: the same validation set at every evaluation."""
-        global_batch = self.batch_size * self.world_size
-        num_batches = self.num_windows // global_batch
-        if max_batches is not None:
-            num_batches = min(num_batches, max_batches)
-        for i in range(num_batches):
-            start = i * global_batch + self.rank * self.batch_size
-            yield self._gather(np.arange(start, start + self.batch_size))
-
-    def _gather(self, windows):
-        shard_of = np.searchsorted(self._first, windows, side="right") - 1
-        rows = []
-        for window, shard in zip(windows.tolist(), shard_of.tolist()):
-            offset = (window - int(self._first[shard])) * self.seq_len
-            rows.append(self.shards[shard][offset:offset + self.seq_len + 1])
-        tokens = np.stack(rows)  # (B, T + 1)
-        input_ids = torch.from_numpy(tokens[:, :-1].astype(np.int64))  # (B, T)
-        targets = torch.from_numpy(tokens[:, 1:].astype(np.int64))  # (B, T), shifted by one
-        if self.pin_memory:
-            input_ids, targets = input_ids.pin_memory(), targets.pin_memory()
-        return input_ids, targets
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state):
-        """Continue where a saved run stopped; its seed wins, so the data order is the saved run's."""
-        self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
-        self._order_epoch = None
 
 
 def unigram_baseline(data_dir):
@@ -535,7 +433,7 @@ def unigram_baseline(data_dir):
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m train.data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.corpus", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="tokenize text files into token shards")
     p.add_argument("--input", nargs="+", required=True, help=".txt, .jsonl, .jsonl.gz or .parquet files")
