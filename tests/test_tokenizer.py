@@ -1,4 +1,4 @@
-"""model/tokenizer.py against transformers.AutoTokenizer, on real tokenizers from shared/data."""
+"""model/tokenizer.py against transformers.AutoTokenizer, on real tokenizers (shipped in tests/assets/)."""
 
 import functools
 import json
@@ -11,13 +11,11 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from model.tokenizer import CHATML_TEMPLATE, Tokenizer  # noqa: E402
+from tests.conftest import shared  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
-QWEN3 = DATA / "tokenizer_qwen3"
-GPT2 = DATA / "tokenizer_gpt2"
-STORIES = DATA / "stories260k" / "hf"
+QWEN3 = shared("tokenizer_qwen3")
+GPT2 = shared("tokenizer_gpt2")
+STORIES = shared("stories260k/hf")
 ALL = {"qwen3": QWEN3, "gpt2": GPT2, "stories260k": STORIES}
 
 TEXTS = [
