@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import shared
 from train import corpus as data
 from train.batching import TokenWindows
 from train.corpus import load_meta, prepare
 
 transformers = pytest.importorskip("transformers")
 
-GPT2 = Path("/work/shared/data/tokenizer_gpt2")
+GPT2 = shared("tokenizer_gpt2")  # shipped in tests/assets/
 SHAKESPEARE = Path(__file__).resolve().parents[1] / "train" / "assets" / "tinyshakespeare.txt"
 needs_gpt2 = pytest.mark.skipif(not GPT2.is_dir(), reason="needs the GPT-2 tokenizer in shared/data")
 
