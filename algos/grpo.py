@@ -58,7 +58,8 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     rewards are all equal gets advantages 0 rather than 0/0.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards must be (N,) with N a multiple of group_size={group_size}, got {tuple(rewards.shape)}")
+        raise ValueError(f"rewards must be (N,) with N a multiple of group_size={group_size}, "
+                         f"got {tuple(rewards.shape)}")
     grouped = rewards.view(-1, group_size)  # (P, G)
     centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # (N,)
     if scale == "none":
@@ -275,7 +276,9 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def clip_fractions(log_ratio: Tensor, advantages: Tensor, mask: Tensor, clip_low: float, clip_high: float) -> tuple[Tensor, Tensor]:
+def clip_fractions(
+    log_ratio: Tensor, advantages: Tensor, mask: Tensor, clip_low: float, clip_high: float
+) -> tuple[Tensor, Tensor]:
     """Shares of loss tokens where clipping removed the gradient (low, high), as TRL logs them:
     low: r < 1 - clip_low with A < 0 (the loss would push r lower still);
     high: r > 1 + clip_high with A > 0.
