@@ -18,11 +18,11 @@ Papers:
 How the loop uses this file (B completions per micro-batch, T completion positions, G per prompt):
 
     adv = group_advantages(rewards, G, scale="group")                  # (N,) for the whole step
-    normaliser = NORMALISERS[loss_type](step_mask, max_completion_len)  # summed over ranks, once
-    for each micro-batch:
-        tok = per_token_loss(logps, old_logps, adv, mask, ref_logps=ref, beta=beta,
+    normaliser = NORMALISERS[loss_type](step_mask, max_completion_len)  # all-reduced (SUM), once
+    for each micro-batch (its rows of adv, its masks and log-probs):
+        tok = per_token_loss(logps, old_logps, adv_mb, mask, ref_logps=ref, beta=beta,
                              clip_low=0.2, clip_high=0.28, ratio=RATIOS["token"])  # (B, T)
-        (AGGREGATIONS[loss_type](tok, mask) / normaliser).backward()
+        (AGGREGATIONS[loss_type](tok, mask) / normaliser.clamp(min=1)).backward()
 
 Every aggregation returns a SUM over the micro-batch and every normaliser is a sum over
 completions, so the micro-batches of all ranks add up to exactly the loss of the whole batch
