@@ -20,13 +20,14 @@ pickle. That is acceptable for checkpoints this trainer wrote itself, and only f
 a checkpoint folder like code. Nothing else here is unpickled; RNG state is safetensors and the
 rest is JSON. For sharing weights use checkpoints/hf.py (safetensors).
 
-Usage in a loop (the loop decides when to save and what goes into `extra`):
+Usage (train/run.py's resume_or_start does the first part for every loop; the loop decides when
+to save and what goes into `extra`):
 
-    if (path := latest_checkpoint(ckpt_root)) is not None:
-        start_step, extra, saved_cfg = load_checkpoint(path, model, optimizer)
-        check_resume_config(saved_cfg, cfg_dict)
+    if (path := resume_path(out_dir, "auto")) is not None:
+        start_step, extra, saved_cfg = load_checkpoint(
+            path, model, optimizer, check_config=lambda saved: check_resume_config(saved, cfg_dict))
     ...
-    save_checkpoint(ckpt_root, step, model, optimizer, extra={...}, config=cfg_dict, keep_last=3)
+    save_checkpoint(out_dir, step, model, optimizer, extra={...}, config=cfg_dict, keep_last=3)
 """
 
 from __future__ import annotations

@@ -229,8 +229,9 @@ class ChatBatches:
     """This rank's micro-batches of a dataset of samples (`dataset[i]`, `dataset.lengths`,
     `dataset.pad_id`). A unit is one sample (pack=False), or one packed row of max_seq_len tokens
     (pack=True: samples packed first-fit in the epoch's shuffled order, a sample never split).
-    `collate(list of samples or None, pad_id)` makes the batch; the default is `collate_samples`
-    (preference pairs pass their own)."""
+    `collate(samples, pad_id)` makes the batch; the default is `collate_samples`. A custom collate
+    (preference pairs) gets each sample dict with its dataset "index" and a "weight" (0.0 on the rows
+    of padding that fill evaluation's last batch)."""
 
     def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, pack=False, pin_memory=False,
                  collate: Callable | None = None):
@@ -287,7 +288,11 @@ class ChatBatches:
             return None if i is None else self.dataset[i]
 
         if self.collate is not None:
-            batch = self.collate([sample(i) for i in units], self.dataset.pad_id)
+            # A custom collate gets every sample with its dataset index and a weight; rows of padding
+            # (evaluation's last batch) repeat sample 0 with weight 0, so they count for nothing.
+            samples = [dict(self.dataset[0], index=0, weight=0.0) if i is None
+                       else dict(self.dataset[i], index=i, weight=1.0) for i in units]
+            batch = self.collate(samples, self.dataset.pad_id)
         elif self.pack:
             rows = [None if u is None else [self.dataset[i] for i in u] for u in units]
             batch = collate_samples(rows, self.dataset.pad_id, self.dataset.max_seq_len, pack=True)

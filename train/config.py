@@ -124,6 +124,29 @@ class ChatDataConfig:
     """Pack several samples per row (attention blocked between them)."""
 
 
+@dataclass
+class PreferenceDataConfig:
+    """Preference files (prompt/chosen/rejected rows, full conversations, Anthropic HH transcripts)."""
+
+    train: list[str] = field(default_factory=list)
+    """Training files: .jsonl, .jsonl.gz, .json or .parquet."""
+    val: list[str] = field(default_factory=list)
+    """Validation files (optional): the same metrics every eval_every steps."""
+    tokenizer: str | None = None
+    """Tokenizer folder; default: the model checkpoint's."""
+    chat_template: str | None = None
+    """Template when the tokenizer has none: "chatml" or a Jinja string."""
+    max_len: int = 1024
+    """Longest prompt + response in tokens (each of chosen and rejected)."""
+    max_prompt_len: int | None = 512
+    """Longest prompt in tokens (None: no limit of its own)."""
+    truncation: Literal["keep_end", "keep_start"] = "keep_end"
+    """A long prompt keeps its end (the turn being answered) or its start."""
+    on_bad_row: Literal["raise", "skip"] = "raise"
+    """A bad row (identical responses, empty response, no room, missing field, bad JSON) is an error
+    naming file and line, or is skipped and counted."""
+
+
 T = TypeVar("T")
 
 

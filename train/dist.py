@@ -74,15 +74,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj, src: int = 0):
-    """Rank src's Python object on every rank (small values: flags, paths)."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def catch_stop_signals() -> dict:
     """SIGTERM (preemption, SLURM's time limit) and SIGINT set state["stop"]; the loops then save
     a checkpoint at the end of the step and exit cleanly."""

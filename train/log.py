@@ -85,6 +85,8 @@ def format_line(step: int, total: int | None, r: dict) -> str:
         parts.append(f"lr {r['lr']:.2e}")
     if "grad_norm" in r:
         parts.append(f"gnorm {r['grad_norm']:.3f}")
+    if "rewards/accuracies" in r:  # preference runs: how often chosen beats rejected, and by how much
+        parts.append(f"acc {r['rewards/accuracies']:.2f} margin {r['rewards/margins']:.3f}")
     if "tokens_per_s" in r:
         parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
     if r.get("mfu") is not None:

@@ -80,3 +80,21 @@ def evaluate_loss(model, batches, dist: DistInfo, parallel_cfg: ParallelConfig) 
     all_reduce_sum(total)
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def sample_chat(final_dir, base_dir, prompt: str, max_new_tokens: int, device) -> str:
+    """Greedy answer of the exported model (or base + exported adapter) to one user message;
+    reloading it from the files also checks the export."""
+    from checkpoints.hf import load_hf
+    from checkpoints.peft import load_peft_adapter
+    from model.generate import generate
+    from model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(final_dir)
+    if base_dir is None:
+        model = load_hf(final_dir, device=device).eval()
+    else:
+        model = load_peft_adapter(load_hf(base_dir, device=device), final_dir).eval()
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
+    new = generate(model, [ids], max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
+    return tok.decode(new)

@@ -49,7 +49,7 @@ from train.dist import all_reduce_sum, barrier, catch_stop_signals, setup_distri
 from train.log import Throughput
 from train.optim import build_optimizer, clip_grad_norm_, lr_at
 from train.parallel import autocast, parallelize
-from train.run import check_finite, evaluate_loss, load_or_init_weights, resume_or_start, start_run
+from train.run import check_finite, evaluate_loss, load_or_init_weights, resume_or_start, sample_chat, start_run
 
 
 @dataclass
@@ -148,6 +148,7 @@ def main(cfg: SFTConfig) -> dict:
         init_lora_weights(model, seed=cfg.seed)  # after the base: init_weights would also draw the adapters
         freeze_base(model, cfg.lora, dist.device)
         model = parallelize(model, cfg.parallel, dist)
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = build_optimizer(model, cfg.optim, dist.device)
 
@@ -246,23 +247,6 @@ def main(cfg: SFTConfig) -> dict:
     logger.close()
     teardown_distributed()
     return result
-
-
-def sample_chat(final_dir, base_dir, prompt: str, max_new_tokens: int, device) -> str:
-    """Greedy answer of the exported model (or base + exported adapter) to one user message;
-    reloading it from the files also checks the export."""
-    from checkpoints.hf import load_hf
-    from checkpoints.peft import load_peft_adapter
-    from model.generate import generate
-
-    tok = Tokenizer.from_dir(final_dir)
-    if base_dir is None:
-        model = load_hf(final_dir, device=device).eval()
-    else:
-        model = load_peft_adapter(load_hf(base_dir, device=device), final_dir).eval()
-    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
-    new = generate(model, [ids], max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
-    return tok.decode(new)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,430 @@
+"""Preference optimisation on pairs of responses: DPO and its family (cDPO, IPO, hinge, robust,
+SimPO, ORPO), every parameter or LoRA / QLoRA adapters (`lora:`); one process or FSDP2 under torchrun.
+
+    python -m train.dpo --config configs/dpo/tiny.yaml
+    python -m train.dpo --config configs/dpo/qwen2.5-0.5b-hh-lora.yaml --lora.quantize nf4   # QLoRA
+    torchrun --nproc_per_node=8 -m train.dpo --config configs/dpo/qwen2.5-0.5b-hh-full.yaml
+
+Each micro-batch holds B pairs as 2B rows (the chosen responses, then the rejected ones), so one
+forward of the policy scores both. The model returns per-token log-probs of the response tokens
+(the prompt is masked through the chat template's assistant mask); a response's log-prob is their
+sum (or mean, for the length-normalised losses), and algos/dpo.py turns the two into the loss:
+Rafailov et al. 2023 (https://arxiv.org/abs/2305.18290) and the variants in its docstrings. The loss
+of a step is the mean over its pairs (all micro-batches, all ranks).
+
+The reference policy (`dpo.reference`): a frozen copy of the starting model, sharded like the policy
+(copy); the same network with its adapters off, no second copy (adapters_off, LoRA only); its
+log-probs computed in one pass before training and kept in the run folder (precomputed: the policy
+at step 0 is the reference, so no copy either); or none for the reference-free SimPO and ORPO.
+
+`diff train/sft.py train/dpo.py` shows what preference optimisation changes. At the end
+`<out_dir>/final/` is a Hugging Face model, or with LoRA a PEFT adapter, as in SFT.
+
+Left out on purpose: KTO's unpaired loop (its loss is in algos/dpo.py, its data in
+train/preference_data.py), packing pairs into rows, sharing the prompt's forward between chosen and
+rejected, online/iterative DPO, reward-model training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from checkpoints.hf import export_hf
+from checkpoints.io import save_checkpoint
+from checkpoints.peft import export_lora
+from algos.dpo import dpo_loss, orpo_loss, simpo_loss
+from algos.logprobs import IGNORE_INDEX
+from model.gpt import GPT
+from model.lora import apply_lora, disable_lora, freeze_base, init_lora_weights
+from model.tokenizer import Tokenizer
+from train.batching import ChatBatches, to_device
+from train.config import (
+    CheckpointConfig, LogConfig, LoRAConfig, ModelSource, OptimConfig, ParallelConfig, PreferenceDataConfig,
+    parse_config, resolve_model, to_dict,
+)
+from train.preference_data import PreferenceDataset, collate_pairs, format_pair
+from train.dist import all_reduce_sum, barrier, catch_stop_signals, setup_distributed, teardown_distributed
+from train.log import Throughput
+from train.optim import build_optimizer, clip_grad_norm_, lr_at
+from train.parallel import autocast, parallelize
+from train.run import check_finite, load_or_init_weights, resume_or_start, sample_chat, start_run
+
+
+# Losses that need no reference policy, and those computed on length-averaged log-probs.
+REFERENCE_FREE = ("simpo", "orpo")
+LENGTH_AVERAGED = ("ipo", "simpo", "orpo")
+
+
+@dataclass
+class DPOLoss:
+    """Which preference loss, and where its reference log-probs come from."""
+
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"
+    """sigmoid (DPO; with label_smoothing: cDPO), ipo, hinge (SLiC), robust, simpo, orpo (algos/dpo.py)."""
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward (SimPO's paper uses ~2; ORPO's lambda is this beta)."""
+    label_smoothing: float = 0.0
+    """sigmoid: conservative DPO's label-flip rate; robust: the known flip rate; simpo: cDPO-style smoothing."""
+    simpo_gamma_beta_ratio: float = 0.5
+    """SimPO's target reward margin gamma, as gamma / beta."""
+    reference: Literal["auto", "copy", "adapters_off", "precomputed", "none"] = "auto"
+    """auto: none for simpo/orpo, adapters_off with LoRA, else copy. precomputed: one pass before
+    training, stored in the run folder and reused on resume."""
+
+
+@dataclass
+class DPOConfig:
+    """Optimise a policy on preference pairs: DPO and its family, full or LoRA / QLoRA."""
+
+    out_dir: str = "runs/dpo"
+    """Run folder: config, metrics.jsonl, checkpoints, reference log-probs, final/."""
+    seed: int = 0
+    """Seed of the data order and of the initial adapters (dropout draws from torch's global generator)."""
+    device: str = "auto"
+    """auto (cuda if present), cuda or cpu."""
+    steps: int | None = None
+    """Optimizer steps; None trains `epochs` passes over the data."""
+    epochs: int = 1
+    """Passes over the training pairs when `steps` is None."""
+    global_batch: int = 16
+    """Pairs per optimizer step over all ranks and micro-batches."""
+    micro_batch: int = 2
+    """Pairs per forward/backward on each rank (2 x micro_batch rows)."""
+    eval_every: int = 0
+    """Validation metrics every N steps (0: only at the end, when data.val is set)."""
+    eval_batches: int = 20
+    """Global batches of validation pairs per evaluation."""
+    stop_at_step: int | None = None
+    """End this session at that step with a checkpoint (rerun to continue)."""
+    nonfinite: Literal["error", "skip"] = "error"
+    """On a NaN/inf loss or gradient: stop with an error, or skip the step."""
+    max_skipped_steps: int = 10
+    """With nonfinite=skip, stop with an error after this many skipped steps."""
+    sample_prompt: str = "Who are you?"
+    """User message the final model answers at the end of the run."""
+    sample_tokens: int = 64
+    """Tokens of that answer (0 skips it)."""
+    model: ModelSource = field(default_factory=ModelSource)
+    """The starting policy (model.checkpoint: an HF dir or Hub id), usually an SFT model."""
+    lora: LoRAConfig | None = None
+    """LoRA / QLoRA adapters; null trains every parameter."""
+    dpo: DPOLoss = field(default_factory=DPOLoss)
+    """The loss and the reference policy."""
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    """The preference pairs."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-7, warmup_steps=10, weight_decay=0.0,
+                                                                   schedule="linear", min_lr_ratio=0.0))
+    """Optimizer and learning-rate schedule."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """FSDP2, activation checkpointing, compile, precision."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Training checkpoints and the HF export."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging."""
+
+
+def main(cfg: DPOConfig) -> dict:
+    dist = setup_distributed(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    logger = start_run(cfg.out_dir, cfg.log, cfg, dist)
+
+    # ---- tokenizer and data: prompt + response rendered with the model's chat template, the response scored
+    mcfg, ckpt_dir = resolve_model(cfg.model)
+    tokenizer_dir = cfg.data.tokenizer or ckpt_dir
+    if tokenizer_dir is None:
+        raise ValueError("data.tokenizer is required when the model is a preset (no checkpoint to take it from)")
+    tokenizer = Tokenizer.from_dir(tokenizer_dir, default_chat_template=cfg.data.chat_template)
+    if tokenizer.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"model vocab_size {mcfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
+                         f"ids ({tokenizer_dir})")
+    if cfg.data.max_len > mcfg.max_seq_len:
+        raise ValueError(f"data.max_len {cfg.data.max_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+    reference = pick_reference(cfg.dpo, cfg.lora)
+    data_args = dict(tokenizer=tokenizer, max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len,
+                     truncation=cfg.data.truncation, on_bad_row=cfg.data.on_bad_row, progress=dist.is_main)
+    train_set = PreferenceDataset(cfg.data.train, **data_args)
+    logger.print(train_set.summary())
+    logger.print("one training pair, scored tokens in [[...]]:\n" + format_pair(tokenizer, train_set[0]))
+    if cfg.global_batch % (cfg.micro_batch * dist.world_size):
+        raise ValueError(f"global_batch {cfg.global_batch} must be a multiple of micro_batch {cfg.micro_batch} "
+                         f"x world size {dist.world_size}")
+    accum_steps = cfg.global_batch // (cfg.micro_batch * dist.world_size)
+    train_data = ChatBatches(train_set, cfg.micro_batch, dist.rank, dist.world_size, cfg.seed,
+                             pin_memory=dist.device.type == "cuda", collate=collate_indexed_pairs)
+    val_data = None
+    if cfg.data.val:
+        val_data = ChatBatches(PreferenceDataset(cfg.data.val, **data_args), cfg.micro_batch, dist.rank,
+                               dist.world_size, cfg.seed, collate=collate_indexed_pairs)
+    steps = cfg.steps or cfg.epochs * train_data.batches_per_epoch()
+
+    # ---- model: built on meta. Full fine-tuning shards it there and loads each rank's shard; LoRA
+    # swaps the adapters in, loads the base whole, freezes (and quantizes) it, then shards.
+    with torch.device("meta"):
+        model = GPT(mcfg)
+    if cfg.lora is None:
+        model = parallelize(model, cfg.parallel, dist)
+        model.to_empty(device=dist.device)
+        load_or_init_weights(model, ckpt_dir, cfg.seed)
+    else:
+        apply_lora(model, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora)
+        model.to_empty(device=dist.device)
+        load_or_init_weights(model, ckpt_dir, cfg.seed)
+        init_lora_weights(model, seed=cfg.seed)  # after the base: init_weights would also draw the adapters
+        freeze_base(model, cfg.lora, dist.device)
+        model = parallelize(model, cfg.parallel, dist)
+
+    # ---- the reference policy, frozen: a copy, the adapters switched off, log-probs kept from a pass
+    # before training, or none
+    ref_model, ref_table = None, {}
+    if reference == "copy":
+        with torch.device("meta"):
+            ref_model = GPT(mcfg)
+        ref_model = parallelize(ref_model, dataclasses.replace(cfg.parallel, activation_checkpointing=False), dist)
+        ref_model.to_empty(device=dist.device)
+        load_or_init_weights(ref_model, ckpt_dir, cfg.seed)
+        ref_model.requires_grad_(False).eval()
+    elif reference == "precomputed":
+        fingerprint = reference_fingerprint(cfg, ckpt_dir, tokenizer_dir)
+        for split, data in (("train", train_data), ("val", val_data)):
+            if data is not None:
+                ref_table[split] = precomputed_logps(out_dir / f"reference_logps_{split}.json", fingerprint, model,
+                                                     data, dist, cfg.parallel, logger)
+
+    @torch.no_grad()
+    def reference_logps(batch, split: str = "train") -> torch.Tensor | None:
+        """Summed response log-probs (2B,) of the reference policy; None without one."""
+        if reference == "none":
+            return None
+        if reference == "precomputed":
+            table = ref_table[split].to(batch["index"].device)  # (N, 2): chosen, rejected
+            return torch.cat([table[batch["index"], 0], table[batch["index"], 1]])
+        net = ref_model if reference == "copy" else model
+        with autocast(cfg.parallel, dist), disable_lora(net):
+            return sequence_logps(net, batch)
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = build_optimizer(model, cfg.optim, dist.device)
+
+    # ---- resume from the newest complete checkpoint (any world size)
+    start_step, extra = resume_or_start(cfg.out_dir, cfg.checkpoint, cfg, model, optimizer, dist, logger,
+                                        trainable_only=cfg.lora is not None)
+    skipped = extra["skipped_steps"] if extra else 0
+    if extra:
+        train_data.load_state_dict(extra["data"])
+
+    stop_signal = catch_stop_signals()
+    throughput = Throughput(mcfg.flops_per_token(cfg.data.max_len), dist.device, dist.world_size,
+                            tokens_seen=extra.get("tokens_seen", 0) if extra else 0)
+    what = "all trainable" if cfg.lora is None else (
+        f"{trainable / 1e6:.3f}M trainable (LoRA r={cfg.lora.r}{', NF4 base' if cfg.lora.quantize == 'nf4' else ''})")
+    logger.print(f"model {mcfg.model_type} {mcfg.num_params() / 1e6:.2f}M params, {what} | world {dist.world_size} | "
+                 f"global batch {cfg.global_batch} = {accum_steps} micro-batches of {cfg.micro_batch} per rank | "
+                 f"{steps} steps")
+
+    def save(step: int) -> None:
+        extra = {"data": train_data.state_dict(), "skipped_steps": skipped, "tokens_seen": throughput.tokens_seen,
+                 "model_config": dataclasses.asdict(mcfg), "tokenizer_dir": str(tokenizer_dir)}
+        path = save_checkpoint(out_dir, step, model, optimizer, extra, to_dict(cfg), cfg.checkpoint.keep_last,
+                               trainable_only=cfg.lora is not None)
+        logger.print(f"checkpoint saved: {path}")
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        """The step's metrics over the validation pairs, mean per pair."""
+        model.eval()
+        totals = torch.zeros(len(PAIR_STATS) + 2, device=dist.device)  # stats, loss sum, pairs
+        for batch in val_data.iter_eval(cfg.eval_batches):
+            batch = to_device(batch, dist.device)
+            with autocast(cfg.parallel, dist):
+                logps = sequence_logps(model, batch)
+            losses, stats = pair_losses(cfg.dpo, logps, reference_logps(batch, "val"), batch)
+            totals += torch.cat([stats, (losses * batch["weight"]).sum()[None], batch["weight"].sum()[None]])
+        all_reduce_sum(totals)
+        model.train()
+        return {"loss": totals[-2] / totals[-1], **dict(zip(PAIR_STATS, totals[:-2] / totals[-1]))}
+
+    # ---- the step loop: the same lines in every loop (tests/test_skeleton.py), but for the algorithm's
+    model.train()
+    step = start_step
+    val_metrics = {}
+    while step < steps:
+        lr = lr_at(step, cfg.optim, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        micro_batches = [train_data.next_batch() for _ in range(accum_steps)]
+        # >>> algorithm: the preference loss of each pair, chosen and rejected scored in one forward; the
+        # step's loss is the mean over its pairs (all micro-batches, all ranks)
+        loss_sum = torch.zeros((), device=dist.device)
+        stat_sums = torch.zeros(len(PAIR_STATS), device=dist.device)
+        for batch in micro_batches:
+            batch = to_device(batch, dist.device)
+            with autocast(cfg.parallel, dist):
+                logps = sequence_logps(model, batch)  # (2B,) summed log-probs of each response
+            losses, stats = pair_losses(cfg.dpo, logps, reference_logps(batch), batch)  # (B,)
+            loss = losses.sum() / cfg.global_batch
+            loss.backward()
+            loss_sum += loss.detach()
+            stat_sums += stats
+        step_metrics = dict(zip(PAIR_STATS, all_reduce_sum(stat_sums) / cfg.global_batch))
+        # <<< algorithm
+        # One all-reduce for the loss and the stop flag (any rank told to stop stops them all).
+        step_stats = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop_signal["stop"]), device=dist.device)]))
+
+        grad_norm = clip_grad_norm_(model, cfg.optim.grad_clip)
+        loss_value, stop_votes, grad_norm_value = torch.cat([step_stats, grad_norm[None]]).tolist()  # one host sync
+        if check_finite(loss_value, grad_norm_value, step, cfg.nonfinite, skipped, cfg.max_skipped_steps, logger):
+            optimizer.step()
+        else:
+            skipped += 1
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        throughput.add(sum(b["input_ids"].numel() for b in micro_batches) * dist.world_size)
+
+        if step % cfg.log.every == 0 or step == steps:
+            logger.log(step, {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value, **step_metrics,
+                              **throughput.report(steps - step, cfg.log.every)}, steps)
+        if val_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
+            val_metrics = evaluate()
+            logger.log(step, val_metrics, steps, prefix="val")
+        stopping = stop_votes > 0 or step == cfg.stop_at_step
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or step == steps:
+            save(step)
+        if stopping:
+            logger.print(f"stopped at step {step}; resume with the same command")
+            break
+
+    result = {"step": step, "val_loss": val_metrics.get("loss"), "loss": loss_value if step > start_step else None}
+    if step == steps and cfg.checkpoint.export_hf:
+        final = out_dir / "final"
+        if cfg.lora is None:
+            export_hf(model, final, tokenizer=tokenizer)
+            logger.print(f"Hugging Face model written to {final}")
+        else:
+            export_lora(model, final, ckpt_dir, tokenizer=tokenizer, merge=cfg.lora.merge, base_name=cfg.model.checkpoint)
+            logger.print(f"PEFT adapter written to {final}" + (f", merged model to {final / 'merged'}"
+                                                                 if cfg.lora.merge else ""))
+        result["final_dir"] = str(final)
+        if dist.is_main and cfg.sample_tokens:
+            result["sample"] = sample_chat(final, ckpt_dir if cfg.lora else None, cfg.sample_prompt,
+                                           cfg.sample_tokens, dist.device)
+            logger.print(f"--- sample ---\nuser: {cfg.sample_prompt}\nassistant: {result['sample']}\n--------------")
+        barrier()
+    logger.close()
+    teardown_distributed()
+    return result
+
+
+# Per-pair metrics, with TRL's names: summed over pairs (weighted) by pair_losses, divided by the count.
+PAIR_STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+              "logps/rejected")
+
+
+def pick_reference(loss_cfg: DPOLoss, lora_cfg: LoRAConfig | None) -> str:
+    """The reference mode `auto` stands for, and a clear error for a combination that cannot work."""
+    reference = loss_cfg.reference
+    if reference == "auto":
+        reference = "none" if loss_cfg.loss in REFERENCE_FREE else ("adapters_off" if lora_cfg else "copy")
+    if loss_cfg.loss in REFERENCE_FREE and reference != "none":
+        raise ValueError(f"dpo.loss {loss_cfg.loss} uses no reference policy; set dpo.reference to none or auto")
+    if loss_cfg.loss not in REFERENCE_FREE and reference == "none":
+        raise ValueError(f"dpo.loss {loss_cfg.loss} needs a reference policy (dpo.reference copy, adapters_off "
+                         "or precomputed)")
+    if reference == "adapters_off" and lora_cfg is None:
+        raise ValueError("dpo.reference adapters_off needs a lora: section (the base without adapters is the reference)")
+    return reference
+
+
+def collate_indexed_pairs(samples, pad_id) -> dict:
+    """collate_pairs, plus each pair's dataset index (for precomputed reference log-probs) and weight
+    (0 on evaluation's rows of padding)."""
+    batch = collate_pairs(samples, pad_id)
+    batch["index"] = torch.tensor([s["index"] for s in samples])
+    batch["weight"] = torch.tensor([s["weight"] for s in samples])
+    return batch
+
+
+def sequence_logps(model, batch) -> torch.Tensor:
+    """Summed log-probs of each row's scored (response) tokens (2B,), through the chunked per-token
+    head: the (2B, T, V) logits never exist at once."""
+    token_logps = model(batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"],
+                        logprobs=True)  # (2B, T), 0 where not scored
+    return token_logps.sum(-1)
+
+
+def pair_losses(loss_cfg: DPOLoss, logps, ref_logps, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(losses (B,), the PAIR_STATS summed over the batch's pairs) from the policy's and the
+    reference's summed response log-probs (2B,): chosen rows first, then rejected. Rows of padding
+    (weight 0) count for nothing."""
+    weight = batch["weight"]  # (B,)
+    B = weight.shape[0]
+    if loss_cfg.loss in LENGTH_AVERAGED:  # those losses compare per-token means, not sums
+        n_tokens = (batch["targets"] != IGNORE_INDEX).sum(-1).clamp(min=1)  # (2B,)
+        logps = logps / n_tokens
+        ref_logps = None if ref_logps is None else ref_logps / n_tokens
+    chosen, rejected = logps[:B], logps[B:]
+    if loss_cfg.loss == "simpo":
+        losses, chosen_rewards, rejected_rewards = simpo_loss(chosen, rejected, loss_cfg.beta,
+                                                              loss_cfg.simpo_gamma_beta_ratio, loss_cfg.label_smoothing)
+    elif loss_cfg.loss == "orpo":  # the paper's supervised term: the mean NLL of the chosen response
+        losses, chosen_rewards, rejected_rewards = orpo_loss(chosen, rejected, -chosen, loss_cfg.beta)
+    else:
+        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_logps[:B], ref_logps[B:],
+                                                            loss_cfg.beta, loss_cfg.loss, loss_cfg.label_smoothing)
+    losses = losses * weight
+    stats = torch.stack([chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
+                         chosen_rewards - rejected_rewards, chosen.detach(), rejected.detach()])  # (6, B)
+    return losses, (stats * weight).sum(-1)
+
+
+def reference_fingerprint(cfg: DPOConfig, ckpt_dir, tokenizer_dir) -> str:
+    """What the precomputed reference log-probs depend on: the data files (path, size, mtime), the
+    starting model and tokenizer, and how the pairs are cut. Anything else changing keeps them valid."""
+    files = [(str(p), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in cfg.data.train + cfg.data.val]
+    key = {"files": files, "model": str(ckpt_dir or cfg.model.preset), "tokenizer": str(tokenizer_dir),
+           "data": {k: v for k, v in to_dict(cfg.data).items() if k not in ("train", "val")},
+           "mixed_precision": cfg.parallel.mixed_precision, "seed": None if ckpt_dir else cfg.seed}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+@torch.no_grad()
+def precomputed_logps(path: Path, fingerprint: str, model, data: ChatBatches, dist, parallel_cfg, logger) -> torch.Tensor:
+    """The reference's summed log-probs of every pair (N, 2): chosen, rejected. Read from `path` when
+    it was made for the same fingerprint; otherwise one pass of the (still untrained) model over the
+    pairs, each rank scoring its share, then written there by rank 0."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") == fingerprint:
+            logger.print(f"reference log-probs read from {path}")
+            return torch.tensor(saved["logps"], dtype=torch.float32)
+        logger.print(f"{path} was made for other data or another model: computing the reference log-probs again")
+    n = len(data.dataset)
+    table = torch.zeros(n, 2, device=dist.device)
+    model.eval()
+    for batch in data.iter_eval():
+        batch = to_device(batch, dist.device)
+        with autocast(parallel_cfg, dist), disable_lora(model):
+            logps = sequence_logps(model, batch)
+        B = batch["index"].shape[0]
+        real = batch["weight"] > 0
+        table[batch["index"][real]] = torch.stack([logps[:B], logps[B:]], dim=1)[real]
+    model.train()
+    all_reduce_sum(table)  # every pair was scored by exactly one rank
+    table = table.cpu()
+    if dist.is_main:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "logps": table.tolist()}))
+        tmp.replace(path)
+        logger.print(f"reference log-probs of {n} pairs written to {path}")
+    return table
+
+
+if __name__ == "__main__":
+    main(parse_config(DPOConfig))
