@@ -194,3 +194,12 @@ def test_two_processes_match_one(tmp_path):
     for step in (1, 2, 3):
         assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5, abs=1e-6), step
         assert two[step]["rewards/accuracies"] == pytest.approx(one[step]["rewards/accuracies"]), step
+
+
+def test_rerunning_a_finished_run_says_it_is_complete(tmp_path):
+    run(tmp_path, "--steps", "2", "--eval_every", "0")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "metrics.jsonl"}
+    result = run(tmp_path, "--steps", "2", "--eval_every", "0")
+    assert result["complete"] and result["final_dir"] == str(tmp_path / "final")
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "metrics.jsonl"}
+    assert before == after

@@ -218,6 +218,11 @@ def main(cfg: DPOConfig) -> dict:
     skipped = extra["skipped_steps"] if extra else 0
     if extra:
         train_data.load_state_dict(extra["data"])
+    if start_step >= steps:  # a finished run: nothing to train, nothing to overwrite
+        logger.print(f"{out_dir} is complete ({start_step} steps); its model is in {out_dir / 'final'}")
+        logger.close()
+        teardown_distributed()
+        return {"step": start_step, "complete": True, "final_dir": str(out_dir / "final")}
 
     stop_signal = catch_stop_signals()
     throughput = Throughput(mcfg.flops_per_token(cfg.data.max_len), dist.device, dist.world_size,
