@@ -1,29 +1,63 @@
-"""Batched autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling.
+"""Batched autoregressive generation: the simple reference path, and the rollout engine.
 
-    from model.generate import generate
+    from model.generate import generate, RolloutEngine
     new_tokens = generate(model, [[1, 415, 263], [1, 9038]], max_new_tokens=64, temperature=0.8,
                           top_p=0.95, stop_ids={2}, seed=0)
+
+    engine = RolloutEngine(model, max_batch=64, max_prompt_len=512, max_new_tokens=256)  # once
+    tokens, logprobs = engine.generate(prompts, temperature=1.0, stop_ids={2}, seed=step,
+                                       return_logprobs=True)            # every GRPO step
 
     python -m model.generate --checkpoint /path/or/org/repo --prompt "Once upon a time" --max_new_tokens 64
     python -m model.generate --checkpoint Qwen/Qwen3-0.6B --chat --system "Be brief." --prompt "Hi!" --temperature 0.7
 
 Prompts of different lengths share one batch: they are left-padded, so every row's next token is
 read from the same last column and one decode step appends one column for all rows. Padding is
-kept out of attention by a bool mask, and positions count real tokens only, so each row computes
-what it would compute alone (tests/test_generate.py checks this token for token against
-transformers).
+kept out of attention by a mask, and positions count real tokens only, so each row computes what it
+would compute alone (tests/test_generate.py checks this token for token against transformers).
+Stop tokens are tracked on the device; the host looks at "all rows finished" only every few steps.
 
-This is also the rollout engine of GRPO, so the decode step has no Python loop over rows and no
-per-row host sync: stop tokens are tracked on the device, and the host looks at "all rows
-finished" only every few steps.
+`generate` is the simple path: eager, a fresh cache per call, slow, the reference that the engine is
+tested against. `RolloutEngine` is GRPO's rollout engine, the same algorithm built to run near the
+memory-bandwidth limit inside the training process (no second inference server, no weight sync):
 
-Deliberately left out: beam search, repetition penalties, speculative decoding, CUDA graphs and
-torch.compile, paged attention and continuous batching (a finished row keeps its slot and decodes
-padding until the whole batch is done or the token budget is spent).
+- A static KV cache and static per-row state, allocated once and reused by every call.
+- Prefill: every prompt token but the last goes through the model in one eager forward (rows in
+  chunks). The decode step then feeds the last column of every row, samples one token, and handles
+  stops; it is the only place where tokens are sampled, and its shapes never change: the write
+  column is a device tensor, and attention reads the whole static cache with a mask that hides the
+  columns not written yet. On CUDA the step is compiled (torch.compile, elementwise work fused) and
+  captured into a CUDA graph per batch bucket (explicit torch.cuda.CUDAGraph capture: measured in
+  bench/RESULTS.md, and with our own static buffers nothing is copied into the graph's inputs), so a
+  step is one graph launch with no host synchronisation.
+- Batch-size buckets (powers of two from 8): a call runs in the smallest bucket that holds its
+  prompts, so a handful of graphs serve every call.
+- Finished rows stop costing compute by compaction: every few steps, once `compact_share` of the
+  bucket has finished and the live rows fit a smaller bucket, they are moved to the front of the
+  cache (one gather) and decoding continues in that bucket's graph. Compaction, not refill, because
+  a GRPO rollout knows all of its prompts up front and ends when its last completion ends, and
+  because a refilled row would need its own prefill in the middle of decoding and its own cache
+  column, where compaction keeps one write column for all rows and one fixed-shape step per bucket.
+- Log-probs (`return_logprobs`) are those of each sampled token under the distribution it was drawn
+  from: softmax(logits / temperature), restricted to the top-k / top-p set and renormalised when
+  those filters are on, computed in float32 from the step's logits. With temperature 1 and no
+  filters that is exactly what a teacher-forced forward gives (`model(ids, targets=t,
+  logprobs=True)`); at another temperature, divide that forward's logits by it. Greedy
+  (temperature 0) reports the unscaled, unfiltered log-probability. GRPO's old-policy log-probs
+  should come from sampling without top-k / top-p, or the trainer must apply the same filter.
+- FSDP2: each rank generates for its own prompts with the full weights gathered once per call
+  (`full_weights`), not once per layer per token; the step then runs eager (the all-gathered
+  weights are freed and re-allocated at other addresses between rollouts, and FSDP's hooks are not
+  capturable). LoRA works with unmerged adapters (the graph is captured again when adapters are
+  merged, disabled or re-allocated).
+
+Deliberately left out: beam search, repetition penalties, speculative decoding, paged attention and
+continuous batching (refill), length buckets (attention reads the whole static cache every step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Literal
@@ -36,8 +70,8 @@ from torch.nn.utils.rnn import pad_sequence
 from model.gpt import GPT, KVCache
 from model.masks import causal_mask
 
-# Looking at `finished.all()` makes the host wait for the device, which stalls kernel launches for
-# the next step. Checking every few steps costs at most that many wasted steps of padding.
+# Looking at `finished` makes the host wait for the device, which stalls kernel launches for the
+# next step. Checking every few steps costs at most that many wasted steps of padding.
 CHECK_FINISHED_EVERY = 8
 
 
@@ -47,12 +81,21 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-) -> Tensor:
+    *,
+    noise: Tensor | None = None,
+    return_logprobs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Next token ids (B,) from logits (B, V). temperature 0 is greedy (argmax; top_k and top_p
-    are then irrelevant). Filters apply in transformers' order: temperature, top-k, top-p."""
+    are then irrelevant). Filters apply in transformers' order: temperature, top-k, top-p.
+
+    noise (B, V): Exp(1) draws to use instead of drawing from `generator` (the engine draws them
+    outside its compiled step). return_logprobs: also log p(token) (B,) float32 under the distribution
+    the token was drawn from (after temperature and the filters; greedy: the unscaled softmax)."""
+    logits = logits.float()
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+        token = logits.argmax(dim=-1)
+        return (token, _gather_logprob(logits, token)) if return_logprobs else token
+    logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -69,8 +112,18 @@ def sample_next(
     # This is torch.multinomial(probs, 1) written out: argmax of p / q with q ~ Exp(1) draws index i
     # with probability p_i, and with the same generator it returns the same tokens (the test checks
     # this). multinomial itself first checks its input with a host sync on every call.
-    q = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / q).argmax(dim=-1)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    token = (probs / noise).argmax(dim=-1)
+    return (token, _gather_logprob(logits, token)) if return_logprobs else token
+
+
+def _gather_logprob(logits: Tensor, token: Tensor) -> Tensor:
+    """log softmax(logits)[token] per row, float32 (B,), without keeping the (B, V) log-probs."""
+    return logits.gather(-1, token[:, None])[:, 0] - logits.logsumexp(dim=-1)
+
+
+# ----------------------------------------------------------------------------- the simple path
 
 
 @torch.inference_mode()
@@ -86,17 +139,19 @@ def generate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
-) -> list[list[int]]:
+    return_logprobs: bool = False,
+):
     """The new tokens of each prompt. A row ends with the first token in `stop_ids`, which is
     included (so a caller can tell "stopped" from "ran out of budget"), or after max_new_tokens.
+    With return_logprobs, (tokens, logprobs): the log-probability of each new token, as in
+    `sample_next`.
 
     temperature 0 is greedy. Sampling draws from `generator`, else from a fresh one seeded with
     `seed`, else from torch's global generator. `pad_id` fills the left padding and the columns of
     finished rows; no kept token ever attends to it, so any id works. use_cache=False recomputes the whole
     sequence at every step: slow, and the reference the cached path is tested against.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+    _check_prompts(prompts)
     weight = model.embed_tokens.weight
     device, dtype, cfg = weight.device, weight.dtype, model.config
     if generator is None and seed is not None:
@@ -108,6 +163,7 @@ def generate(
     ids = pad_sequence([torch.tensor(p) for p in prompts], batch_first=True, padding_value=pad_id,
                        padding_side="left")
     ids = F.pad(ids, (0, max_new_tokens), value=pad_id).to(device)  # (B, total)
+    logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
     # kv_valid: False on the left padding only; generated columns are valid as they are appended
     # (slicing [:, :S] is the mask growing). Positions count real tokens, so every row starts at 0.
     pad_len = torch.tensor([P - len(p) for p in prompts], device=device)
@@ -127,16 +183,352 @@ def generate(
         # B x P x V floats, gigabytes for a 150k vocabulary.
         logits = model(ids[:, start:S], position_ids=positions[:, start:S], attn_mask=mask, cache=cache,
                        logits_to_keep=1)[:, -1]  # (B, V)
-        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token, logprob = sample_next(logits, temperature, top_k, top_p, generator, return_logprobs=True)
         token = torch.where(finished, pad_id, token)
         ids[:, S] = token
+        logprobs[:, step] = logprob.masked_fill(finished, 0.0)
         S += 1
         num_new += ~finished
         finished |= torch.isin(token, stop)
         if (step + 1) % CHECK_FINISHED_EVERY == 0 and finished.all():
             break
-    new = ids[:, P:S].tolist()  # the one transfer to the host
-    return [row[:n] for row, n in zip(new, num_new.tolist())]
+    new, lp, lengths = ids[:, P:S].tolist(), logprobs.tolist(), num_new.tolist()  # the transfers to the host
+    tokens = [row[:n] for row, n in zip(new, lengths)]
+    if return_logprobs:
+        return tokens, [row[:n] for row, n in zip(lp, lengths)]
+    return tokens
+
+
+def _check_prompts(prompts) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+@contextlib.contextmanager
+def full_weights(model: torch.nn.Module):
+    """FSDP2: all-gather every sharded module's parameters once and keep them gathered inside the
+    block (no reshard after each forward), so a rollout does not all-gather every layer for every
+    token. Costs the full model in FSDP's param dtype on every rank for the block's duration. Does
+    nothing to a model without FSDP."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        FSDPModule = ()
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not modules:
+        yield model
+        return
+    # FSDP2 has no public getter for reshard_after_forward; each module's parameter groups know it.
+    before = [any(g._reshard_after_forward for g in m._get_fsdp_state()._fsdp_param_groups) for m in modules]
+    handles = [m.unshard(async_op=True) for m in modules]  # all the all-gathers issued, then awaited
+    for handle in handles:
+        handle.wait()
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m, was in zip(modules, before):
+            m.set_reshard_after_forward(was, recurse=False)
+            m.reshard()
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- the rollout engine
+
+
+class _Slots:
+    """Per-row decode state of one bucket: views of the engine's static buffers. `slot` is a row of
+    the bucket; `row` is the prompt it holds (compaction moves prompts between slots)."""
+
+    def __init__(self, engine: "RolloutEngine", b: int):
+        self.token = engine._token[:b]  # (b,) the token fed at the next step
+        self.position = engine._position[:b]  # (b,) its position (real tokens before it)
+        self.pad_len = engine._pad_len[:b]  # (b,) left padding: columns < pad_len are never attended
+        self.finished = engine._finished[:b]  # (b,)
+        self.row = engine._row[:b]  # (b,) the prompt this slot holds
+        # Indexed by prompt, not slot, so compaction never moves them.
+        self.out_tokens, self.out_logprobs = engine._out_tokens, engine._out_logprobs  # (Bmax, N)
+        self.out_len, self.budget = engine._out_len, engine._budget  # (Bmax,)
+        self.step = engine._step  # (1,) the output column of the token sampled next
+        self.is_stop = engine._is_stop  # (V,) True at the stop ids
+
+
+def decode_step(model: GPT, cache: KVCache, s: _Slots, noise: Tensor | None, temperature: float,
+                top_k: int | None, top_p: float | None, pad_id: int, window: int | None) -> None:
+    """One token for every row of a bucket, everything on the device and in place: the forward of
+    the last column, sampling, recording, stop handling. No shape depends on the step (cache.pos is
+    a (1,) tensor: the column written now), so the engine compiles it once and captures it per bucket."""
+    b, L = s.token.shape[0], cache.k[0].shape[2]
+    col = torch.arange(L, device=s.token.device)
+    valid = (col >= s.pad_len[:, None]) & (col <= cache.pos)  # (b, L) written, non-padding columns
+    if window is not None:
+        valid &= col > cache.pos - window
+    dtype = cache.k[0].dtype
+    bias = torch.zeros(b, 1, 1, L, dtype=dtype, device=col.device).masked_fill(~valid[:, None, None], float("-inf"))
+    logits = model(s.token[:, None], position_ids=s.position[:, None], attn_mask=bias, cache=cache,
+                   logits_to_keep=1)[:, -1]  # (b, V); the forward advanced cache.pos
+    token, logprob = sample_next(logits, temperature, top_k, top_p, noise=noise, return_logprobs=True)
+    token = torch.where(s.finished, pad_id, token)
+    s.out_tokens[s.row, s.step] = token
+    s.out_logprobs[s.row, s.step] = logprob.masked_fill(s.finished, 0.0)
+    s.out_len.index_add_(0, s.row, (~s.finished).long())
+    s.finished |= s.is_stop[token] | (s.out_len[s.row] >= s.budget[s.row])
+    s.token.copy_(token)
+    s.position += 1
+    s.step += 1
+
+
+class RolloutEngine:
+    """Fast batched generation with a static cache, compiled and CUDA-graph-captured decode steps,
+    batch buckets and compaction. Build once with the largest shapes; call `generate` every step.
+
+    compile / cuda_graphs: default on for CUDA, off elsewhere (on the CPU the same step runs eager).
+    compact_share: compact once this share of the bucket has finished and the live rows fit a
+    smaller bucket; None never compacts. buckets: batch sizes to round up to (default powers of two
+    from 8 up to max_batch). prefill_rows: rows per prefill forward (bounds its activation memory).
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        max_batch: int,
+        max_prompt_len: int,
+        max_new_tokens: int,
+        *,
+        compile: bool | None = None,
+        cuda_graphs: bool | None = None,
+        compact_share: float | None = 0.5,
+        buckets: list[int] | None = None,
+        prefill_rows: int = 64,
+    ):
+        weight = model.embed_tokens.weight
+        self.model, self.cfg = model, model.config
+        self.device, self.dtype = weight.device, weight.dtype
+        cuda = self.device.type == "cuda"
+        # FSDP2's hooks run Python around every forward and its gathered weights move between
+        # rollouts: such a model decodes eager, with its weights gathered once per call.
+        fsdp = _is_fsdp(model)
+        self.compile = (cuda and not fsdp) if compile is None else compile
+        self.cuda_graphs = (cuda and not fsdp) if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not cuda:
+            raise ValueError("cuda_graphs needs the model on a CUDA device")
+        if buckets is None:
+            buckets, b = [], 8
+            while b < max_batch:
+                buckets.append(b)
+                b *= 2
+            buckets.append(b)
+        self.buckets = sorted(buckets)
+        if self.buckets[-1] < max_batch:
+            raise ValueError(f"largest bucket {self.buckets[-1]} < max_batch {max_batch}")
+        self.max_batch, self.max_prompt_len, self.max_new_tokens = max_batch, max_prompt_len, max_new_tokens
+        self.compact_share, self.prefill_rows = compact_share, prefill_rows
+        # The cache length rounded up to 64 columns keeps the attention mask's rows aligned for the
+        # fused attention kernels.
+        self.max_len = -(-(max_prompt_len + max_new_tokens) // 64) * 64
+        self._step_fn = torch.compile(decode_step, fullgraph=True) if self.compile else decode_step
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._graph_signature = None
+        self._allocated = False
+        self._pool = None
+
+    # ---- static buffers, allocated on first use (inside inference mode, like every use of them)
+
+    def _allocate(self) -> None:
+        Bmax, N, V, dev = self.buckets[-1], self.max_new_tokens, self.cfg.vocab_size, self.device
+        self.cache = KVCache(self.cfg, Bmax, self.max_len, device=dev, dtype=self.dtype)
+        self._pos = torch.zeros(1, dtype=torch.long, device=dev)  # the cache column written next
+        self._token = torch.zeros(Bmax, dtype=torch.long, device=dev)
+        self._position = torch.zeros(Bmax, dtype=torch.long, device=dev)
+        self._pad_len = torch.zeros(Bmax, dtype=torch.long, device=dev)
+        self._finished = torch.ones(Bmax, dtype=torch.bool, device=dev)
+        self._row = torch.arange(Bmax, device=dev)
+        self._out_tokens = torch.zeros(Bmax, N, dtype=torch.long, device=dev)
+        self._out_logprobs = torch.zeros(Bmax, N, dtype=torch.float32, device=dev)
+        self._out_len = torch.zeros(Bmax, dtype=torch.long, device=dev)
+        self._budget = torch.zeros(Bmax, dtype=torch.long, device=dev)
+        self._step = torch.zeros(1, dtype=torch.long, device=dev)
+        self._is_stop = torch.zeros(V, dtype=torch.bool, device=dev)
+        self._gen = torch.Generator(device=dev)
+        self._slots = {b: _Slots(self, b) for b in self.buckets}
+        self._caches = {}
+        for b in self.buckets:  # the decode views: rows [0, b), the device-side write column
+            view = self.cache.rows(0, b)
+            view.pos = self._pos
+            self._caches[b] = view
+        self._allocated = True
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int | list[int] | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_ids=(),
+        pad_id: int = 0,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        return_logprobs: bool = False,
+        compact: bool = True,
+    ):
+        """As `generate` (same arguments and results). max_new_tokens: at most the engine's (its
+        default), or one budget per prompt. More prompts than max_batch run in consecutive batches."""
+        _check_prompts(prompts)
+        budgets = max_new_tokens if isinstance(max_new_tokens, list) else \
+            [max_new_tokens or self.max_new_tokens] * len(prompts)
+        if len(budgets) != len(prompts) or max(budgets) > self.max_new_tokens or min(budgets) < 1:
+            raise ValueError(f"max_new_tokens must be 1..{self.max_new_tokens}, one int or one per prompt")
+        if max(len(p) for p in prompts) > self.max_prompt_len:
+            raise ValueError(f"a prompt is longer than max_prompt_len={self.max_prompt_len}")
+        if not self._allocated:
+            self._allocate()
+        if generator is not None:  # one draw from the caller's generator seeds this call
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        elif seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
+        self._gen.manual_seed(seed)
+        self._is_stop.zero_()
+        stops = [i for i in set(stop_ids) if 0 <= i < self.cfg.vocab_size]
+        if stops:
+            self._is_stop[torch.tensor(stops, device=self.device)] = True
+        sampling = (temperature, top_k, top_p, pad_id)
+
+        tokens, logprobs = [], []
+        with full_weights(self.model):
+            for i in range(0, len(prompts), self.max_batch):
+                t, lp = self._generate_batch(prompts[i : i + self.max_batch], budgets[i : i + self.max_batch],
+                                             sampling, compact)
+                tokens += t
+                logprobs += lp
+        return (tokens, logprobs) if return_logprobs else tokens
+
+    def _generate_batch(self, prompts, budgets, sampling, compact):
+        n, P = len(prompts), max(len(p) for p in prompts)
+        b = self._bucket(n)
+        if self.cuda_graphs:
+            self._capture_graphs(b, sampling)  # before the prefill: capture runs the step on scratch state
+        dev, pad_id = self.device, sampling[3]
+
+        # ---- state: n prompts, then padding slots that start finished
+        ids = pad_sequence([torch.tensor(p) for p in prompts], batch_first=True, padding_value=pad_id,
+                           padding_side="left")
+        ids = F.pad(ids, (0, 0, 0, b - n), value=pad_id).to(dev)  # (b, P)
+        lengths = torch.tensor([len(p) for p in prompts] + [1] * (b - n), device=dev)
+        self._pad_len[:b] = P - lengths
+        self._token[:b] = ids[:, -1]  # the last prompt column is fed by the first decode step
+        self._position[:b] = lengths - 1
+        self._finished[:b] = torch.arange(b, device=dev) >= n
+        self._row[:b] = torch.arange(b, device=dev)
+        self._out_len.zero_()
+        self._budget[:b] = torch.tensor(budgets + [0] * (b - n), device=dev)
+        self._step.zero_()
+
+        # ---- prefill: every column but the last, written into the cache at [0, P - 1)
+        if P > 1:
+            valid = torch.arange(P - 1, device=dev)[None, :] >= self._pad_len[:b, None]  # (b, P - 1)
+            positions = (valid.long().cumsum(dim=-1) - 1).clamp(min=0)
+            for r in range(0, b, self.prefill_rows):
+                rows = slice(r, min(b, r + self.prefill_rows))
+                view = self.cache.rows(rows.start, rows.stop)  # pos 0, a plain slice write
+                mask = causal_mask(valid[rows], P - 1, self.cfg.sliding_window)  # (rows, 1, P-1, P-1)
+                self.model(ids[rows, :-1], position_ids=positions[rows], attn_mask=mask, cache=view,
+                           logits_to_keep=1)
+        self._pos.fill_(P - 1)
+
+        # ---- decode: one step per new token, compacting finished rows away now and then
+        for step in range(max(budgets)):
+            self._decode(b, sampling)
+            if (step + 1) % CHECK_FINISHED_EVERY == 0:
+                live = int((~self._finished[:b]).sum())  # the host waits for the device here only
+                if live == 0:
+                    break
+                smaller = self._bucket(live)
+                if compact and self.compact_share is not None and smaller < b and live <= (1 - self.compact_share) * b:
+                    self._compact(b, smaller)
+                    b = smaller
+
+        length = self._out_len[:n].tolist()  # the transfers to the host
+        new, lp = self._out_tokens[:n].tolist(), self._out_logprobs[:n].tolist()
+        return [r[:k] for r, k in zip(new, length)], [r[:k] for r, k in zip(lp, length)]
+
+    def _decode(self, b: int, sampling: tuple) -> None:
+        key = (b, sampling)
+        if key in self._graphs:
+            self._graphs[key].replay()
+        else:
+            self._run_step(b, sampling)
+
+    def _run_step(self, b: int, sampling: tuple) -> None:
+        temperature, top_k, top_p, pad_id = sampling
+        noise = None
+        if temperature != 0:  # drawn eagerly: the compiled step gets it as an input
+            noise = torch.empty(b, self.cfg.vocab_size, device=self.device).exponential_(1, generator=self._gen)
+        if self.compile:  # one compiled step for every bucket: the batch dimension is symbolic
+            cache, s = self._caches[b], self._slots[b]
+            for t in (*cache.k, *cache.v, s.token, s.position, s.pad_len, s.finished, s.row, noise):
+                if t is not None:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+        self._step_fn(self.model, self._caches[b], self._slots[b], noise, temperature, top_k, top_p, pad_id,
+                      self.cfg.sliding_window)
+
+    def _compact(self, b: int, new_b: int) -> None:
+        """Move the live rows to slots [0, new_b), in order; finished rows fill the rest."""
+        order = torch.argsort(self._finished[:b].to(torch.int8), stable=True)[:new_b]  # live first
+        for buf in (*self.cache.k, *self.cache.v, self._token, self._position, self._pad_len, self._finished,
+                    self._row):
+            buf[:new_b] = buf[:b][order]
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    # ---- CUDA graphs
+
+    def _signature(self) -> tuple:
+        """What a captured graph bakes in besides the engine's buffers: the addresses of the weights
+        and the modules that run (merging or disabling LoRA adapters changes them)."""
+        m = self.model
+        return (tuple(t.data_ptr() for t in (*m.parameters(), *m.buffers())),
+                tuple((id(x), getattr(x, "merged", None), getattr(x, "disabled", None)) for x in m.modules()))
+
+    def _capture_graphs(self, b: int, sampling: tuple) -> None:
+        signature = self._signature()
+        if signature != self._graph_signature:
+            self._graphs.clear()
+            self._graph_signature = signature
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # one pool: graphs never run concurrently
+        for bucket in self.buckets:
+            if bucket > b or (bucket, sampling) in self._graphs:
+                continue
+            self._pos.zero_()
+            self._step.zero_()
+            # Warm up on a side stream (compiles, runs autotuning), as torch.cuda.graphs asks.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._run_step(bucket, sampling)
+            torch.cuda.current_stream().wait_stream(stream)
+            self._pos.zero_()
+            self._step.zero_()
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self._gen)  # replays advance our generator's offset
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._run_step(bucket, sampling)
+            self._graphs[(bucket, sampling)] = graph
 
 
 # ----------------------------------------------------------------------------- command line

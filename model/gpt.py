@@ -91,6 +91,12 @@ class KVCache:
     `pos` is how many positions are filled; a forward with T new tokens writes [pos, pos+T) and
     attends to [0, pos+T). Batched prompts of different lengths are left-padded by the caller,
     who passes a mask so padding is never attended.
+
+    A static cache (model/generate.py's RolloutEngine) sets `pos` to a (1,) long tensor on the
+    device instead: a forward then writes its columns at pos in place and attends to the whole
+    buffer, the caller's mask hiding the columns not written yet. No shape depends on the position,
+    so one compiled, CUDA-graph-captured decode step serves every step (the forward's `pos += T`
+    advances the tensor in place, inside the graph).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -98,10 +104,17 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.max_len = max_len
-        self.pos = 0
+        self.pos: int | Tensor = 0
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         t = k.shape[2]
+        if isinstance(self.pos, Tensor):
+            # Indexing with a tensor is an index_put_ into the buffer, which the compiler keeps in
+            # place (no copy of the cache); a slice at a Python int would recompile every step.
+            index = self.pos + torch.arange(t, device=self.pos.device)  # (t,)
+            self.k[layer][:, :, index] = k
+            self.v[layer][:, :, index] = v
+            return self.k[layer], self.v[layer]
         if self.pos + t > self.max_len:
             raise ValueError(f"KV cache is full: {self.pos} + {t} positions > max_len {self.max_len}")
         self.k[layer][:, :, self.pos : self.pos + t] = k
@@ -113,6 +126,14 @@ class KVCache:
         """Keep only some rows (finished sequences dropped from the batch)."""
         self.k = [k[batch_index] for k in self.k]
         self.v = [v[batch_index] for v in self.v]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows [start, stop) sharing this one's memory, with pos 0."""
+        view = object.__new__(KVCache)
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.max_len, view.pos = self.max_len, 0
+        return view
 
 
 class Attention(nn.Module):
@@ -143,6 +164,15 @@ class Attention(nn.Module):
         gqa = cfg.num_kv_heads != cfg.num_heads
         if BlockMask is not None and isinstance(mask, BlockMask):
             y = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+        elif isinstance(mask, Tensor) and T == 1 and gqa and mask.shape[1] == 1:
+            # One query per row (a decode step): the H/K query heads that share a key/value head
+            # become H/K queries of that head, so SDPA needs no GQA and keeps a fused kernel. With a
+            # mask, enable_gqa falls back to the math path, which copies K and V (the whole cache,
+            # every layer, every step) out to H heads.
+            G = cfg.num_heads // cfg.num_kv_heads
+            y = F.scaled_dot_product_attention(q.reshape(B, cfg.num_kv_heads, G, cfg.head_dim), k, v,
+                                               attn_mask=mask)  # (B, K, G, D)
+            y = y.reshape(B, cfg.num_heads, 1, cfg.head_dim)  # (B, H, T=1, D)
         elif isinstance(mask, Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:

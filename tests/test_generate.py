@@ -194,3 +194,184 @@ def test_cli_generates_text():
     first = result.stdout.split("-" * 40)[0].strip()
     assert first.startswith("Once upon a time") and len(re.findall(r"[A-Za-z]+", first)) > 8, result.stdout
     assert "tokens/s" in result.stderr
+
+
+# ----------------------------------------------------------------------------- the rollout engine
+
+
+def _engine(model, max_batch=8, max_prompt_len=12, max_new_tokens=24, **kw):
+    # Small buckets, so tiny batches exercise bucketing and compaction; the CPU runs the step eager.
+    return gen.RolloutEngine(model, max_batch, max_prompt_len, max_new_tokens, buckets=[1, 2, 4, 8], **kw)
+
+
+def _sliding_window_model():
+    from model.config import ModelConfig
+    from model.gpt import GPT
+
+    model = GPT(ModelConfig.preset("tiny", sliding_window=4))
+    model.init_weights(seed=3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "sliding_window"])
+def test_engine_greedy_equals_uncached(name, tmp_path):
+    """The static cache (whole buffer + mask, device-side write column) and the decode step equal
+    recomputing the whole sequence at every step."""
+    model = _sliding_window_model() if name == "sliding_window" else _tiny(name, tmp_path)[0]
+    prompts = _random_prompts(model.config.vocab_size, [5, 11, 1, 8, 3])
+    expected = generate(model, prompts, 20, use_cache=False)
+    engine = _engine(model)
+    assert engine.generate(prompts, 20) == expected
+    assert engine.generate(prompts, 20, compact=False) == expected
+
+
+def test_engine_batched_equals_one_by_one_and_reuses_its_cache(stories):
+    ours, _ = stories
+    prompts = _random_prompts(512, [12, 1, 7, 3, 9, 2], seed=4)
+    engine = _engine(ours, max_new_tokens=30)
+    batched = engine.generate(prompts, 30)
+    buffers = [t.data_ptr() for t in engine.cache.k + engine.cache.v]
+    # One at a time (bucket 1), after a longer call left stale columns behind in the cache.
+    assert [engine.generate([p], 30)[0] for p in prompts] == batched
+    assert [t.data_ptr() for t in engine.cache.k + engine.cache.v] == buffers  # nothing allocated per call
+    assert batched == generate(ours, prompts, 30)
+
+
+def test_engine_compaction_equals_no_compaction(stories, monkeypatch):
+    """Rows finish at different steps (a stop token and per-row budgets); moving the live rows
+    into smaller buckets changes no row's tokens."""
+    ours, _ = stories
+    prompts = _random_prompts(512, [3, 9, 1, 6, 12, 4, 7, 2], seed=5)
+    free = generate(ours, prompts, 24)
+    stop = free[2][4]  # row 2 stops at its 5th token at the latest
+    budgets = [24, 3, 24, 9, 20, 5, 2, 11]
+    reference = generate(ours, prompts, 24, stop_ids={stop})
+    expected = [row[:n] for row, n in zip(reference, budgets)]
+    assert len(expected[2]) <= 5 and max(len(r) for r in expected) == 24
+
+    engine = _engine(ours)
+    sizes = []
+    compact = engine._compact
+    monkeypatch.setattr(engine, "_compact", lambda b, new_b: (sizes.append(new_b), compact(b, new_b)))
+    assert engine.generate(prompts, budgets, stop_ids={stop}) == expected
+    assert sizes and sizes == sorted(sizes, reverse=True) and sizes[-1] <= 2, sizes  # it did compact
+    sizes.clear()
+    assert engine.generate(prompts, budgets, stop_ids={stop}, compact=False) == expected
+    assert sizes == []
+
+
+def _teacher_logprobs(model, prompt, new, temperature=1.0, top_k=None):
+    """log p(new token) of each new token from one full forward over prompt + new, float64: the
+    logits divided by the temperature, then restricted to the top k and renormalised."""
+    ids = torch.tensor([prompt + new])
+    with torch.no_grad():
+        logits = model(ids)[0, len(prompt) - 1 : -1].double() / temperature  # (N, V) predicting new
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits.log_softmax(-1).gather(-1, torch.tensor(new)[:, None])[:, 0]
+
+
+def test_returned_logprobs_equal_teacher_forced_forward(stories):
+    ours, _ = stories
+    prompts = [[1], [1, 415, 263], [1, 9, 10, 11, 12]]
+    engine = _engine(ours)
+    for temperature, top_k in ((1.0, None), (0.7, None), (1.3, 5), (0.0, None)):
+        for run in (engine.generate, lambda p, n, **kw: generate(ours, p, n, **kw)):
+            tokens, logprobs = run(prompts, 20, temperature=temperature, top_k=top_k, seed=0, return_logprobs=True)
+            for prompt, new, lp in zip(prompts, tokens, logprobs):
+                assert len(lp) == len(new) == 20
+                expected = _teacher_logprobs(ours, prompt, new, temperature or 1.0, top_k)
+                torch.testing.assert_close(torch.tensor(lp, dtype=torch.float64), expected, rtol=0, atol=1e-4)
+    # At temperature 1 the engine's log-probs are what the training forward computes (fused head).
+    tokens, logprobs = engine.generate(prompts, 20, temperature=1.0, seed=1, return_logprobs=True)
+    for prompt, new, lp in zip(prompts, tokens, logprobs):
+        ids = torch.tensor([prompt + new])
+        targets = torch.full_like(ids, -100)
+        targets[0, len(prompt) - 1 : -1] = torch.tensor(new)
+        with torch.no_grad():
+            teacher = ours(ids, targets=targets, logprobs=True)[0, len(prompt) - 1 : -1]
+        torch.testing.assert_close(torch.tensor(lp), teacher, rtol=0, atol=1e-4)
+
+
+def test_engine_sampling_is_reproducible(stories):
+    ours, _ = stories
+    prompts = [[1], [1, 415, 263], [1, 9, 10, 11, 12]]
+    engine = _engine(ours)
+    kw = dict(max_new_tokens=24, temperature=1.0, stop_ids={2})
+    a = engine.generate(prompts, seed=0, **kw)
+    assert engine.generate(prompts, seed=0, **kw) == a
+    assert engine.generate(prompts, generator=torch.Generator().manual_seed(7), **kw) == \
+        engine.generate(prompts, generator=torch.Generator().manual_seed(7), **kw)
+    assert engine.generate(prompts, seed=1, **kw) != a
+    assert engine.generate(prompts, 24, temperature=1.0, top_k=1, seed=0) == engine.generate(prompts, 24)
+
+
+def test_engine_with_unmerged_lora_equals_merged_model(stories):
+    import copy
+
+    from model.lora import apply_lora, lora_modules, merge_lora
+
+    ours, _ = stories
+    lora = apply_lora(copy.deepcopy(ours), "all-linear", r=4, alpha=8)
+    with torch.no_grad():  # B = 0 at init: give the adapters something to change
+        for _, m in lora_modules(lora):
+            m.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(m.out_features))
+    prompts = [[1], [1, 415, 263], [1, 9, 10, 11, 12]]
+    got = _engine(lora).generate(prompts, 24)
+    merged = merge_lora(copy.deepcopy(lora))
+    assert got == generate(merged, prompts, 24)
+    assert got != generate(ours, prompts, 24)  # the adapters did change the output
+
+
+def _fsdp_generate_worker(rank, world_size, port, path, out):
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = load_hf(path).eval()
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        gathers = []
+        try:  # count FSDP's all-gathers (one per sharded module when gathered once per call)
+            import torch.distributed.fsdp._fully_shard._fsdp_param_group as group
+
+            real = group.foreach_all_gather
+            group.foreach_all_gather = lambda *a, **k: (gathers.append(1), real(*a, **k))[1]
+        except (ImportError, AttributeError):
+            gathers = None
+        prompts = _random_prompts(512, [3, 7, 1], seed=10 + rank)  # each rank its own prompts
+        engine = gen.RolloutEngine(model, 4, 8, 16)
+        tokens = engine.generate(prompts, 16, stop_ids={2})
+        torch.save({"prompts": prompts, "tokens": tokens, "gathers": gathers,
+                    "sharded": type(model.layers[0].mlp.up_proj.weight).__name__}, f"{out}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # see tests/test_checkpoint_io.py: gloo teardown after FSDP2 aborts now and then
+
+
+@pytest.mark.slow
+def test_engine_under_fsdp2_gathers_once_and_matches_one_process(stories, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(shared("stories260k/hf"))
+    mp.spawn(_fsdp_generate_worker, args=(2, port, path, str(tmp_path)), nprocs=2)
+    ours, _ = stories
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["tokens"] == generate(ours, result["prompts"], 16, stop_ids={2})
+        assert result["sharded"] == "DTensor"  # resharded after the rollout
+        if result["gathers"] is not None:
+            assert len(result["gathers"]) == len(ours.layers) + 1  # each block and the root, once
