@@ -1,0 +1,242 @@
+"""DPO step throughput and memory: train/dpo.py against TRL's DPOTrainer, same model shape, same text.
+
+    python bench/dpo.py                          # llama-3.2-1b shape, 8 pairs of ~1,000 tokens per step
+    python bench/dpo.py --only ours --steps 8    # just our rows
+
+Each row runs in a fresh process: our loop through `train.dpo.main` (its real data pipeline, chat
+template, metrics), TRL's `DPOTrainer` through `trainer.train()`. Both train a randomly initialised model
+of the preset's shape in bf16 autocast over fp32 master weights, on the same rows of text cut from
+tiny Shakespeare and tokenized with the GPT-2 tokenizer shipped in tests/assets. Rows:
+
+    full, reference copy          a frozen second model
+    full, precomputed reference   the reference log-probs of every pair computed once before training
+                                  (that pass is timed separately, "precompute s")
+    LoRA r=16, adapters off       ours: the same network with its adapters disabled; TRL: its PEFT path
+
+s/step is the mean over the steps after warm-up (the first half), tokens/s counts each side's own real
+(unpadded) tokens of prompt + chosen and prompt + rejected, MFU counts the policy's training FLOPs only
+(6 N + attention per token, not the reference's forward) against 989 TFLOP/s, and peak memory is
+torch.cuda.max_memory_allocated of the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+ROWS = [  # (name, mode, reference)
+    ("ours full, ref copy", "ours", "copy"),
+    ("TRL full, ref copy", "trl", "copy"),
+    ("ours full, precomputed ref", "ours", "precomputed"),
+    ("TRL full, precomputed ref", "trl", "precomputed"),
+    ("ours LoRA r=16, adapters off", "ours", "lora"),
+    ("TRL LoRA r=16 (PEFT)", "trl", "lora"),
+]
+PEAK_FLOPS = 989e12
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _model_config(args):
+    import dataclasses
+
+    from model.config import ModelConfig
+
+    mcfg = ModelConfig.preset(args.model)
+    return dataclasses.replace(mcfg, vocab_size=args.vocab_size) if args.vocab_size else mcfg
+
+
+def make_data(out: Path, pairs: int, prompt_tokens: int, response_tokens: int) -> Path:
+    """A tokenizer folder (GPT-2) and `rows.jsonl` of prompt/chosen/rejected strings of about the
+    asked lengths, cut from tiny Shakespeare."""
+    from tokenizers import Tokenizer
+
+    tok_dir = out / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    src = ROOT / "tests" / "assets" / "tokenizer_gpt2"
+    with gzip.open(src / "tokenizer.json.gz", "rb") as f:
+        (tok_dir / "tokenizer.json").write_bytes(f.read())
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, tok_dir / name)
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    ids = tok.encode((ROOT / "train" / "assets" / "tinyshakespeare.txt").read_text()).ids
+    step = prompt_tokens + 2 * response_tokens
+    with open(out / "rows.jsonl", "w") as f:
+        for i in range(pairs):
+            a = (i * step) % (len(ids) - step)
+            chunk = ids[a:a + step]
+            f.write(json.dumps({"prompt": tok.decode(chunk[:prompt_tokens]),
+                                "chosen": tok.decode(chunk[prompt_tokens:prompt_tokens + response_tokens]),
+                                "rejected": tok.decode(chunk[prompt_tokens + response_tokens:])}) + "\n")
+    return out
+
+
+def run_ours(args, data: Path, reference: str) -> dict:
+    from train import dpo
+    from train.config import parse_config
+
+    out = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
+    argv = ["--out_dir", str(out), "--steps", str(args.steps), "--global_batch", str(args.pairs),
+            "--micro_batch", str(args.pairs), "--eval_every", "0", "--sample_tokens", "0",
+            "--model.preset", args.model, *(["--model.vocab_size", str(args.vocab_size)] if args.vocab_size else []), "--data.train", f"[{data / 'rows.jsonl'}]",
+            "--data.tokenizer", str(data / "tokenizer"), "--data.chat_template", "chatml",
+            "--data.max_len", str(args.max_len), "--data.max_prompt_len", str(args.max_len - 64),
+            "--checkpoint.export_hf", "false", "--log.every", "1",
+            "--parallel.compile", str(torch.cuda.is_available()).lower(),
+            "--optim.lr", "5e-7"]
+    if reference == "lora":
+        argv += ["--lora.r", "16", "--lora.alpha", "32", "--dpo.reference", "adapters_off", "--optim.lr", "5e-6"]
+    else:
+        argv += ["--dpo.reference", reference]
+    precompute = {}
+    original = dpo.precomputed_logps
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        table = original(*a, **k)
+        _sync()
+        precompute["s"] = time.perf_counter() - t0
+        return table
+
+    dpo.precomputed_logps = timed
+    dpo.main(parse_config(dpo.DPOConfig, argv))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    times = [r["time"] for r in train]
+    half = len(times) // 2
+    s_per_step = (times[-1] - times[half]) / (len(times) - 1 - half)
+    from train.preference_data import PreferenceDataset
+    from model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(data / "tokenizer", default_chat_template="chatml")
+    ds = PreferenceDataset([data / "rows.jsonl"], tok, args.max_len, args.max_len - 64, progress=False)
+    tokens_per_pair = ds.stats["tokens"] / len(ds)
+    shutil.rmtree(out, ignore_errors=True)
+    mcfg = _model_config(args)
+    return {"s_per_step": s_per_step, "tokens_per_pair": tokens_per_pair, "peak_gib": train[-1].get("peak_mem_gib") or 0.0,
+            "precompute_s": precompute.get("s"), "flops_per_token": mcfg.flops_per_token(args.max_len)}
+
+
+def run_trl(args, data: Path, reference: str) -> dict:
+    import datasets
+    import transformers
+    from trl import DPOConfig, DPOTrainer
+
+    from checkpoints.hf import config_to_hf
+
+    mcfg = _model_config(args)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(data / "tokenizer" / "tokenizer.json"),
+                                               eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    hf_cfg = transformers.AutoConfig.for_model(**config_to_hf(mcfg, torch.float32))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=torch.float32)
+    rows = [json.loads(line) for line in (data / "rows.jsonl").read_text().splitlines()]
+    dataset = datasets.Dataset.from_list(rows)
+    out = tempfile.mkdtemp(prefix="bench-trl-")
+    config = DPOConfig(output_dir=out, per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1,
+                       max_steps=args.steps, learning_rate=5e-7, bf16=torch.cuda.is_available(),
+                       use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no",
+                       report_to=[], max_length=args.max_len, precompute_ref_log_probs=reference == "precomputed",
+                       dataloader_num_workers=0)
+    peft_config = None
+    if reference == "lora":
+        import peft
+
+        peft_config = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    times = []
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, *a, **k):
+            _sync()
+            times.append(time.perf_counter())
+
+    # Without PEFT or precomputed log-probs TRL needs a reference model; it would load one from the
+    # model's Hub name, which a randomly initialised model has not, so it gets the same frozen copy as ours.
+    ref_model = None
+    if reference == "copy":
+        import copy
+
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset, processing_class=tok,
+                         peft_config=peft_config, callbacks=[Clock()])
+    ds = trainer.train_dataset
+    tokens_per_pair = sum(2 * len(p) + len(c) + len(r) + 0 for p, c, r in
+                          zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])) / len(ds)
+    t0 = time.perf_counter()
+    trainer.train()
+    half = len(times) // 2
+    s_per_step = (times[-1] - times[half]) / (len(times) - 1 - half)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"s_per_step": s_per_step, "tokens_per_pair": tokens_per_pair,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+            "precompute_s": (times[0] - t0) if reference == "precomputed" else None,
+            "flops_per_token": mcfg.flops_per_token(args.max_len)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama-3.2-1b")
+    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--prompt_tokens", type=int, default=512)
+    p.add_argument("--response_tokens", type=int, default=448)
+    p.add_argument("--max_len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--vocab_size", type=int, default=None, help="override the preset's (CPU smoke runs of tiny shapes)")
+    p.add_argument("--only", choices=["ours", "trl"], default=None)
+    p.add_argument("--worker", nargs=3, metavar=("MODE", "REFERENCE", "DATA"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        mode, reference, data = args.worker
+        result = (run_ours if mode == "ours" else run_trl)(args, Path(data), reference)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    data = make_data(Path(tempfile.mkdtemp(prefix="bench-dpo-data-")), args.pairs * args.steps,
+                     args.prompt_tokens, args.response_tokens)
+    print(f"{args.model}, {args.pairs} pairs per step, max_len {args.max_len}, {args.steps} steps, "
+          f"torch {torch.__version__}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    header = f"| {'run':30s} | s/step | tokens/s | MFU | peak GiB | precompute s |"
+    print(header + "\n|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|", flush=True)
+    results = {}
+    for name, mode, reference in ROWS:
+        if args.only and mode != args.only:
+            continue
+        cmd = [sys.executable, __file__, "--worker", mode, reference, str(data), "--model", args.model,
+               "--pairs", str(args.pairs), "--max_len", str(args.max_len), "--steps", str(args.steps),
+               *(["--vocab_size", str(args.vocab_size)] if args.vocab_size else [])]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode or line is None:  # a failing row does not end the table
+            why = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            print(f"| {name:30s} | failed: {why[0][:150]} |", flush=True)
+            continue
+        r = json.loads(line[len("RESULT "):])
+        tps = args.pairs * r["tokens_per_pair"] / r["s_per_step"]
+        mfu = tps * r["flops_per_token"] / PEAK_FLOPS
+        pre = f"{r['precompute_s']:.1f}" if r["precompute_s"] is not None else ""
+        results[name] = tps
+        print(f"| {name:30s} | {r['s_per_step']:.3f} | {tps:,.0f} | {100 * mfu:.1f}% | {r['peak_gib']:.1f} | {pre} |",
+              flush=True)
+    for ours, trl in ((ROWS[0][0], ROWS[1][0]), (ROWS[2][0], ROWS[3][0]), (ROWS[4][0], ROWS[5][0])):
+        if ours in results and trl in results:
+            print(f"{ours} / {trl}: {results[ours] / results[trl]:.2f}x tokens/s")
+
+
+if __name__ == "__main__":
+    main()
