@@ -1,16 +1,31 @@
-"""Batched generation throughput: handloom's KV-cache sampler vs transformers' generate, same weights.
+"""Generation throughput: handloom's RolloutEngine vs transformers' generate, same weights, one process.
 
-    python bench/generate.py                       # llama-3.2-1b shape, bf16, 32 prompts x 128 tokens, 256 new
-    python bench/generate.py --preset tiny --batch 4 --prompt_len 16 --new_tokens 16 --device cpu
+    python bench/generate.py        # llama-3.2-1b shape, bf16, 128-token prompts, 256 new tokens, batch 8/64/256
+    python bench/generate.py --preset tiny --batches 4 --prompt_len 16 --new_tokens 16 --device cpu --hf_static ""
 
-Both decode greedily from the same random weights with no stop token, so both produce exactly
-batch x new_tokens tokens; the table gives new tokens per second and peak memory, and whether the
-two produced the same tokens.
+Every row samples at temperature 1.0 (no top-k / top-p) from the same random weights with no stop
+token, so every row of every implementation produces exactly new_tokens tokens. Tables:
+
+1. new tokens/s and peak memory at each batch size: ours (static cache, compiled step captured in
+   CUDA graphs), transformers' generate with its default cache, and with its static cache
+   (`cache_implementation="static"`, which transformers compiles itself). "bound" is the
+   memory-bandwidth bound: every step reads all weights once (KV-cache reads not counted), at the
+   copy bandwidth measured in the same run. "peak GiB" counts the implementation's own weights plus
+   everything allocated during its call (ours: the static cache, graphs and state, allocated once).
+2. A GRPO length mix: completion lengths uniform in [32, 256], ours with and without compaction.
+   A row ends when it reaches its length, through the same device-side `finished` flag a stop token
+   sets (per-row budgets: `max_new_tokens` given as a list), so the schedule is exact and seeded
+   instead of depending on what random weights sample. tokens/s counts the tokens kept.
+3. The log-probs the sampler returns against a teacher-forced bf16 forward of the same sequences.
+4. One decode step at batch 64: eager, compiled, compiled + CUDA graph; and where its time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,34 +36,130 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from checkpoints.hf import config_to_hf, hf_to_native_key  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
-from model.generate import generate  # noqa: E402
+from model.generate import RolloutEngine  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 
+START = time.perf_counter()
 
-def timed(fn, device):
+
+def elapsed() -> float:
+    return time.perf_counter() - START
+
+
+def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def timed(fn, device, baseline: int, own_bytes: int, repeats: int = 1):
+    """Median seconds of `repeats` calls, and peak GiB: own weights + what the calls allocated
+    above `baseline` (both models' weights)."""
+    times, out = [], None
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    out = fn()
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    mem = (torch.cuda.max_memory_allocated() - baseline + own_bytes) / 2**30 if device.type == "cuda" else float("nan")
+    return out, statistics.median(times), mem
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a device-to-device copy (bytes read + written)."""
+    if device.type != "cuda":
+        return float("nan")
+    x = torch.empty(2**30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * x.numel() / (start.elapsed_time(end) / 1e3)
+
+
+def free(device):
+    gc.collect()
     if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def logprob_mismatch(ours, engine, prompts, P, N, dtype, device, sampling):
+    """The sampler's log-probs against a teacher-forced forward of the same sequences."""
+    b = len(prompts)
+    tokens, logprobs = engine.generate(prompts, N, seed=4, return_logprobs=True, **sampling)
+    ids = torch.tensor([p + t for p, t in zip(prompts, tokens)], device=device)  # (b, P + N)
+    targets = torch.full_like(ids, -100)
+    targets[:, P - 1 : -1] = ids[:, P:]
+    teacher = ours(ids, targets=targets, logprobs=True)[:, P - 1 : -1]  # (b, N)
+    diff = torch.tensor(logprobs, device=device) - teacher
+    print(f"\n# sampler vs teacher-forced log-probs, batch {b} x {N} tokens, {str(dtype).removeprefix('torch.')}: "
+          f"mean |diff| {diff.abs().mean():.2e}, max |diff| {diff.abs().max():.2e}, mean diff {diff.mean():+.2e} "
+          f"(mean log-prob {teacher.mean():.2f})", flush=True)
+
+
+def decode_step_profile(ours, engine, b, P, N, weight_bytes, bandwidth):
+    """One decode step: eager, compiled, compiled + CUDA graph; then where the compiled step's time goes."""
+    key = (b, (1.0, None, None, 0))
+    eager = RolloutEngine(ours, b, P, N, compile=False, cuda_graphs=False)
+    eager._allocate()
+
+    def per_step(fn, n):
+        engine._pos.zero_(), engine._step.zero_(), eager._pos.zero_(), eager._step.zero_()
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
         torch.cuda.synchronize()
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return out, time.perf_counter() - t0, mem
+        return start.elapsed_time(end) / n
+
+    steps = {"eager": per_step(lambda: eager._run_step(b, key[1]), 20),
+             "compiled": per_step(lambda: engine._run_step(b, key[1]), 50),
+             "compiled + CUDA graph": per_step(lambda: engine._graphs[key].replay(), 100)}
+    print(f"\n# one decode step at batch {b} (ms; bound {weight_bytes / bandwidth * 1e3:.2f} ms): " +
+          ", ".join(f"{k} {v:.3f} ({b / v * 1e3:,.0f} tok/s)" for k, v in steps.items()))
+    del eager
+    engine._pos.zero_(), engine._step.zero_()
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.stdout.flush()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            engine._run_step(b, key[1])
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events)
+    print(f"# kernels of 10 compiled steps, by time (total {total / 10 / 1e3:.3f} ms a step):")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:18]:
+        print(f"#   {e.self_device_time_total / total:6.1%} {e.count // 10:4d}/step  {e.key[:90]}")
+    sys.stdout.flush()
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llama-3.2-1b")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batches", default="8,64,256")
     p.add_argument("--prompt_len", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--hf_static", default="64", help="batch sizes for transformers' static cache (each compiles)")
+    p.add_argument("--lora", action="store_true", help="also time ours with unmerged LoRA r=16 at the middle batch")
+    p.add_argument("--deadline_s", type=float, default=1e9, help="skip the remaining slow rows after this")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     import transformers
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    batches = [int(b) for b in args.batches.split(",")]
+    hf_static = [int(b) for b in args.hf_static.split(",") if b]
+    N, P = args.new_tokens, args.prompt_len
     cfg = ModelConfig.preset(args.preset)
     hf_cfg = transformers.AutoConfig.for_model(**config_to_hf(cfg, dtype))
     torch.manual_seed(0)
@@ -59,40 +170,111 @@ def main():
                           if hf_to_native_key(k, cfg.model_type) in ours.state_dict()})
     ours.reset_rope()
     ours.eval()
+    weight_bytes = sum(t.numel() * t.element_size() for t in ours.parameters())
+    bandwidth = copy_bandwidth(device)
+    free(device)
+    baseline = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     gen = torch.Generator().manual_seed(1)
-    # Prompts of different lengths (up to prompt_len), as a rollout batch would have.
-    lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch,), generator=gen).tolist()
-    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    prompts = torch.randint(0, cfg.vocab_size, (max(batches), P), generator=gen).tolist()
 
-    def run_ours():
-        return generate(ours, prompts, args.new_tokens)
+    def bound(b):  # tokens/s if a step only read the weights, at the measured bandwidth
+        return b * bandwidth / weight_bytes
 
-    def run_hf():
-        P = max(lengths)
-        ids = torch.zeros(args.batch, P, dtype=torch.long)
-        mask = torch.zeros(args.batch, P, dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, P - len(prompt):] = torch.tensor(prompt)
-            mask[i, P - len(prompt):] = 1
-        out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                          max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0,
-                          eos_token_id=None)
-        return out[:, P:].tolist()
+    print(f"# {args.preset} ({weight_bytes / 1e9:.2f} GB of {str(dtype).removeprefix('torch.')} weights), "
+          f"prompts of {P} tokens, {N} new tokens sampled at temperature 1.0, no stop token; "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"{'implementation':34s} {'batch':>5s} {'new tok/s':>10s} {'seconds':>8s} {'peak GiB':>9s} {'of bound':>9s}")
 
-    print(f"# {args.preset} {dtype}, {args.batch} prompts of {min(lengths)}-{max(lengths)} tokens, "
-          f"{args.new_tokens} new tokens each, greedy, "
-          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
-    print(f"{'implementation':24s} {'new tok/s':>10s} {'seconds':>8s} {'peak GiB':>9s}")
-    results = {}
+    def row(name, b, tokens, seconds, mem):
+        rate = tokens / seconds
+        print(f"{name:34s} {b:5d} {rate:10,.0f} {seconds:8.2f} {mem:9.1f} {rate / bound(b):9.0%}", flush=True)
+
+    engines, sampling = {}, dict(temperature=1.0)
     with torch.inference_mode():
-        for name, fn in (("ours (KV cache)", run_ours), ("transformers generate", run_hf)):
-            fn()  # warm-up
-            out, seconds, mem = timed(fn, device)
-            results[name] = out
-            print(f"{name:24s} {args.batch * args.new_tokens / seconds:10,.0f} {seconds:8.2f} {mem:9.1f}", flush=True)
-    a, b = results.values()
-    same = sum(x == y for x, y in zip(a, b))
-    print(f"# identical continuations: {same}/{args.batch} (bf16 rounding can flip near-ties on random weights)")
+        # ---- 1. ours at every batch size
+        for b in batches:
+            engine = RolloutEngine(ours, b, P, N)
+            t0 = time.perf_counter()
+            engines[b] = engine
+            engine.generate(prompts[:b], 8, seed=0, **sampling)  # compiles once, captures this batch's buckets
+            sync(device)
+            warmup = time.perf_counter() - t0
+            out, seconds, mem = timed(lambda: engine.generate(prompts[:b], N, seed=1, **sampling), device,
+                                      baseline, weight_bytes, repeats=3)
+            assert sum(map(len, out)) == b * N
+            row("ours (static cache, graphs)", b, b * N, seconds, mem)
+            print(f"#   warm-up (compile + capture of {len(engine._graphs)} graphs): {warmup:.1f}s", flush=True)
+
+        # ---- 2. the GRPO length mix
+        print(f"\n# GRPO length mix: completion lengths uniform in [32, {N}] (seeded per-row budgets), "
+              f"temperature 1.0; tokens/s counts kept tokens")
+        print(f"{'implementation':34s} {'batch':>5s} {'tokens/s':>10s} {'seconds':>8s} {'tokens':>8s}")
+        for b in [b for b in batches if b >= 64] or batches[-1:]:
+            budgets = torch.randint(min(32, N), N + 1, (b,), generator=torch.Generator().manual_seed(2)).tolist()
+            for compact in (True, False):
+                out, seconds, _ = timed(lambda: engines[b].generate(prompts[:b], budgets, seed=3, compact=compact,
+                                                                    **sampling), device, baseline, 0, repeats=3)
+                assert [len(o) for o in out] == budgets
+                name = "ours, compaction" if compact else "ours, no compaction"
+                print(f"{name:34s} {b:5d} {sum(budgets) / seconds:10,.0f} {seconds:8.2f} {sum(budgets):8d}", flush=True)
+
+        # ---- 3. sampler log-probs vs a teacher-forced forward (bf16 both)
+        b = 64 if 64 in engines else batches[0]
+        try:
+            logprob_mismatch(ours, engines[b], prompts[:b], P, N, dtype, device, sampling)
+            if device.type == "cuda":
+                decode_step_profile(ours, engines[b], b, P, N, weight_bytes, bandwidth)
+        except Exception as e:  # a failing section does not end the benchmark
+            print(f"# failed: {type(e).__name__}: {str(e)[:500]}", flush=True)
+        free(device)
+        # ---- 1b. transformers, default cache then static cache
+        ids_mask = {}
+        for b in batches:
+            ids_mask[b] = (torch.tensor(prompts[:b], device=device), torch.ones(b, P, dtype=torch.long, device=device))
+        hf.generation_config.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0,
+                                    eos_token_id=None)
+
+        def run_hf(b, n, **kw):
+            ids, mask = ids_mask[b]
+            return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kw)
+
+        for b in batches:
+            run_hf(b, 8)
+            out, seconds, mem = timed(lambda: run_hf(b, N), device, baseline, weight_bytes)
+            assert out.shape == (b, P + N)
+            row("transformers, default cache", b, b * N, seconds, mem)
+            free(device)
+        for b in hf_static:
+            if elapsed() > args.deadline_s:
+                print(f"# skipped transformers static cache at batch {b}: past --deadline_s")
+                continue
+            try:
+                t0 = time.perf_counter()
+                for _ in range(2):  # compiles, then records its CUDA graphs
+                    run_hf(b, N, cache_implementation="static")
+                sync(device)
+                warmup = time.perf_counter() - t0
+                out, seconds, mem = timed(lambda: run_hf(b, N, cache_implementation="static"), device, baseline,
+                                          weight_bytes)
+                row("transformers, static cache compiled", b, b * N, seconds, mem)
+                print(f"#   warm-up (2 calls, compile included): {warmup:.1f}s")
+            except Exception as e:  # a failing row does not end the table
+                print(f"# transformers static cache at batch {b} failed: {type(e).__name__}: {str(e)[:300]}")
+            free(device)
+
+        # ---- 1c. LoRA, adapters unmerged (merged is the plain model above)
+        if args.lora and elapsed() < args.deadline_s:
+            from model.lora import apply_lora
+
+            b = 64 if 64 in batches else batches[0]
+            lora = apply_lora(copy.deepcopy(ours), "all-linear", r=16, alpha=32)
+            engine = RolloutEngine(lora, b, P, N)
+            engine.generate(prompts[:b], 8, seed=0, **sampling)
+            out, seconds, mem = timed(lambda: engine.generate(prompts[:b], N, seed=1, **sampling), device, baseline,
+                                      weight_bytes, repeats=3)
+            row("ours + LoRA r=16 all-linear, unmerged", b, b * N, seconds, mem)
+    print(f"# total {elapsed():.0f}s")
 
 
 if __name__ == "__main__":

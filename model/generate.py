@@ -248,18 +248,18 @@ def _is_fsdp(model: torch.nn.Module) -> bool:
 
 
 class _Slots:
-    """Per-row decode state of one bucket: views of the engine's static buffers. `slot` is a row of
-    the bucket; `row` is the prompt it holds (compaction moves prompts between slots)."""
+    """Per-slot decode state of one bucket: views [:b] of the engine's static buffers. A slot is a
+    row of the bucket; compaction moves prompts between slots, `row` says which prompt a slot holds."""
+
+    PER_SLOT = ("token", "position", "pad_len", "finished", "row", "out_tokens", "out_logprobs", "out_len",
+                "budget")
 
     def __init__(self, engine: "RolloutEngine", b: int):
-        self.token = engine._token[:b]  # (b,) the token fed at the next step
-        self.position = engine._position[:b]  # (b,) its position (real tokens before it)
-        self.pad_len = engine._pad_len[:b]  # (b,) left padding: columns < pad_len are never attended
-        self.finished = engine._finished[:b]  # (b,)
-        self.row = engine._row[:b]  # (b,) the prompt this slot holds
-        # Indexed by prompt, not slot, so compaction never moves them.
-        self.out_tokens, self.out_logprobs = engine._out_tokens, engine._out_logprobs  # (Bmax, N)
-        self.out_len, self.budget = engine._out_len, engine._budget  # (Bmax,)
+        for name in self.PER_SLOT:
+            setattr(self, name, getattr(engine, "_" + name)[:b])
+        # token (b,): fed at the next step; position (b,): its position (real tokens before it);
+        # pad_len (b,): columns < pad_len are left padding, never attended; out_tokens and
+        # out_logprobs (b, N): what the slot generated; out_len (b,): how many it keeps; budget (b,).
         self.step = engine._step  # (1,) the output column of the token sampled next
         self.is_stop = engine._is_stop  # (V,) True at the stop ids
 
@@ -280,10 +280,10 @@ def decode_step(model: GPT, cache: KVCache, s: _Slots, noise: Tensor | None, tem
                    logits_to_keep=1)[:, -1]  # (b, V); the forward advanced cache.pos
     token, logprob = sample_next(logits, temperature, top_k, top_p, noise=noise, return_logprobs=True)
     token = torch.where(s.finished, pad_id, token)
-    s.out_tokens[s.row, s.step] = token
-    s.out_logprobs[s.row, s.step] = logprob.masked_fill(s.finished, 0.0)
-    s.out_len.index_add_(0, s.row, (~s.finished).long())
-    s.finished |= s.is_stop[token] | (s.out_len[s.row] >= s.budget[s.row])
+    s.out_tokens[:, s.step] = token[:, None]
+    s.out_logprobs[:, s.step] = logprob.masked_fill(s.finished, 0.0)[:, None]
+    s.out_len += ~s.finished
+    s.finished |= s.is_stop[token] | (s.out_len >= s.budget)
     s.token.copy_(token)
     s.position += 1
     s.step += 1
@@ -353,7 +353,7 @@ class RolloutEngine:
         self._position = torch.zeros(Bmax, dtype=torch.long, device=dev)
         self._pad_len = torch.zeros(Bmax, dtype=torch.long, device=dev)
         self._finished = torch.ones(Bmax, dtype=torch.bool, device=dev)
-        self._row = torch.arange(Bmax, device=dev)
+        self._row = torch.zeros(Bmax, dtype=torch.long, device=dev)
         self._out_tokens = torch.zeros(Bmax, N, dtype=torch.long, device=dev)
         self._out_logprobs = torch.zeros(Bmax, N, dtype=torch.float32, device=dev)
         self._out_len = torch.zeros(Bmax, dtype=torch.long, device=dev)
@@ -432,8 +432,11 @@ class RolloutEngine:
         self._position[:b] = lengths - 1
         self._finished[:b] = torch.arange(b, device=dev) >= n
         self._row[:b] = torch.arange(b, device=dev)
-        self._out_len.zero_()
+        self._out_len[:b] = 0
         self._budget[:b] = torch.tensor(budgets + [0] * (b - n), device=dev)
+        # What each prompt generated, by prompt: slots are copied here before compaction drops them.
+        self._results = (torch.zeros_like(self._out_tokens[:b]), torch.zeros_like(self._out_logprobs[:b]),
+                         torch.zeros_like(self._out_len[:b]))
         self._step.zero_()
 
         # ---- prefill: every column but the last, written into the cache at [0, P - 1)
@@ -460,8 +463,8 @@ class RolloutEngine:
                     self._compact(b, smaller)
                     b = smaller
 
-        length = self._out_len[:n].tolist()  # the transfers to the host
-        new, lp = self._out_tokens[:n].tolist(), self._out_logprobs[:n].tolist()
+        self._save_results(b)
+        new, lp, length = (t[:n].tolist() for t in self._results)  # the transfers to the host
         return [r[:k] for r, k in zip(new, length)], [r[:k] for r, k in zip(lp, length)]
 
     def _decode(self, b: int, sampling: tuple) -> None:
@@ -478,18 +481,23 @@ class RolloutEngine:
             noise = torch.empty(b, self.cfg.vocab_size, device=self.device).exponential_(1, generator=self._gen)
         if self.compile:  # one compiled step for every bucket: the batch dimension is symbolic
             cache, s = self._caches[b], self._slots[b]
-            for t in (*cache.k, *cache.v, s.token, s.position, s.pad_len, s.finished, s.row, noise):
+            for t in (*cache.k, *cache.v, *(getattr(s, name) for name in _Slots.PER_SLOT), noise):
                 if t is not None:
                     torch._dynamo.maybe_mark_dynamic(t, 0)
         self._step_fn(self.model, self._caches[b], self._slots[b], noise, temperature, top_k, top_p, pad_id,
                       self.cfg.sliding_window)
 
     def _compact(self, b: int, new_b: int) -> None:
-        """Move the live rows to slots [0, new_b), in order; finished rows fill the rest."""
+        """Move the live slots to [0, new_b), in order; finished ones fill the rest."""
+        self._save_results(b)
         order = torch.argsort(self._finished[:b].to(torch.int8), stable=True)[:new_b]  # live first
-        for buf in (*self.cache.k, *self.cache.v, self._token, self._position, self._pad_len, self._finished,
-                    self._row):
+        for buf in (*self.cache.k, *self.cache.v, *(getattr(self, "_" + name) for name in _Slots.PER_SLOT)):
             buf[:new_b] = buf[:b][order]
+
+    def _save_results(self, b: int) -> None:
+        row = self._row[:b]
+        for result, out in zip(self._results, (self._out_tokens, self._out_logprobs, self._out_len)):
+            result[row] = out[:b]
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
