@@ -257,13 +257,15 @@ class GPT(nn.Module):
         targets: Tensor | None = None,
         logprobs: bool = False,
         logits_to_keep: int = 0,
+        temperature: float = 1.0,
     ) -> Tensor:
         """input_ids (B, T) -> one of, by what is asked:
             logits (B, T, V), or of the last `logits_to_keep` positions only (B, logits_to_keep, V);
             targets (B, T) given (IGNORE_INDEX -100 = not scored): the summed next-token
                 cross-entropy, a scalar (pretraining, SFT: a plain sum has a cheaper backward);
             targets and logprobs=True: log p(target) of every position (B, T) float32, 0.0 where
-                not scored (DPO, GRPO: any weighting of them has a correct gradient).
+                not scored (DPO, GRPO: any weighting of them has a correct gradient), under
+                softmax(logits / temperature): the distribution a sampler at that temperature drew from.
         With targets the output projection runs chunk by chunk (algos/logprobs.py), so the (B, T, V)
         logits never exist at once.
 
@@ -292,8 +294,11 @@ class GPT(nn.Module):
             cache.pos += T
         x = self.norm(x)
         if targets is not None:
-            fn = linear_token_logprobs if logprobs else linear_cross_entropy_sum
-            return fn(x, self.output_weight(), targets)
+            if not logprobs:
+                return linear_cross_entropy_sum(x, self.output_weight(), targets)
+            if temperature != 1.0:
+                x = x / temperature  # (h / t) W^T = logits / t
+            return linear_token_logprobs(x, self.output_weight(), targets)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return F.linear(x, self.output_weight())  # (B, T, V)

@@ -264,9 +264,9 @@ def main(cfg: DPOConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        micro_batches = [train_data.next_batch() for _ in range(accum_steps)]
         # >>> algorithm: the preference loss of each pair, chosen and rejected scored in one forward; the
         # step's loss is the mean over its pairs (all micro-batches, all ranks)
+        micro_batches = [train_data.next_batch() for _ in range(accum_steps)]
         loss_sum = torch.zeros((), device=dist.device)
         stat_sums = torch.zeros(len(PAIR_STATS), device=dist.device)
         for batch in micro_batches:

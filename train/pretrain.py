@@ -186,9 +186,9 @@ def main(cfg: PretrainConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        micro_batches = [train_data.next_batch() for _ in range(accum_steps)]
         # >>> algorithm: next-token loss, summed over each micro-batch's target tokens and divided by the
         # target tokens of the whole step (all micro-batches, all ranks), so every token weighs the same
+        micro_batches = [train_data.next_batch() for _ in range(accum_steps)]
         step_tokens = all_reduce_sum(torch.tensor(float(sum(num_targets(b) for b in micro_batches)),
                                                   device=dist.device))
         loss_sum = torch.zeros((), device=dist.device)

@@ -192,9 +192,9 @@ def main(cfg: SFTConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        micro_batches = [train_data.next_batch() for _ in range(accum_steps)]
         # >>> algorithm: next-token loss on the assistant's tokens, summed over each micro-batch and divided
         # by the trained tokens of the whole step (all micro-batches, all ranks), so every token weighs the same
+        micro_batches = [train_data.next_batch() for _ in range(accum_steps)]
         step_tokens = all_reduce_sum(torch.tensor(float(sum(num_targets(b) for b in micro_batches)),
                                                   device=dist.device))
         loss_sum = torch.zeros((), device=dist.device)

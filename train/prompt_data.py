@@ -1,0 +1,89 @@
+"""Prompt data for RL: files of rows -> prompts rendered with the chat template (generation prompt
+added), each kept with its row so reward functions see the row's other fields (an `answer`, ...).
+
+Rows (the SFT pipeline's readers: .jsonl, .jsonl.gz, .json, .parquet) hold the prompt in
+`prompt_field`, a string (one user message) or an OpenAI messages list; `system_prompt`, when set,
+is put before it. GSM8K's rows are {"question", "answer"}: prompt_field "question", and the
+`answer` field reaches the gsm8k reward as is. A row without the field, or a prompt longer than
+max_prompt_len tokens, is counted and skipped (on_bad_row="skip") or an error naming file and line.
+
+Deliberately left out: multimodal prompts, tools, prompts cut to fit (a cut math problem is a
+different problem: such rows are dropped instead).
+"""
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from train.chat_data import SUFFIXES, BadRow, iter_rows
+
+
+class PromptDataset:
+    """`dataset[i]` is {"prompt_ids": list[int], "prompt": the messages, "row": the row's other fields}."""
+
+    def __init__(self, paths, tokenizer, prompt_field="prompt", system_prompt=None, max_prompt_len=512,
+                 on_bad_row="raise"):
+        paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+        if not paths:
+            raise ValueError("PromptDataset needs at least one prompt file")
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"prompt file not found: {path}")
+            if not path.name.lower().endswith(SUFFIXES):
+                raise ValueError(f"{path}: unsupported prompt file (use {', '.join(SUFFIXES)})")
+        self.pad_id = tokenizer.pad_id
+        self.samples, skipped, rows = [], Counter(), 0
+        for path in paths:
+            for where, row in iter_rows(path):
+                rows += 1
+                try:
+                    if isinstance(row, BadRow):
+                        raise row
+                    messages = _prompt_messages(row, prompt_field, system_prompt)
+                    ids = tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+                    if len(ids) > max_prompt_len:
+                        raise BadRow("prompt_too_long", f"the prompt has {len(ids)} tokens > max_prompt_len "
+                                                        f"{max_prompt_len}")
+                except BadRow as e:
+                    if on_bad_row == "raise":
+                        raise ValueError(f"{where}: {e} (on_bad_row='skip' skips such rows)") from None
+                    skipped[e.reason] += 1
+                    continue
+                fields = {k: v for k, v in row.items() if k != prompt_field}
+                self.samples.append({"prompt_ids": ids, "prompt": messages, "row": fields})
+        if not self.samples:
+            raise ValueError(f"no usable prompt in {', '.join(map(str, paths))}: {rows} rows, skipped {dict(skipped)}")
+        self.lengths = np.array([len(s["prompt_ids"]) for s in self.samples], dtype=np.int64)
+        self.stats = {"rows": rows, "skipped": dict(skipped), "prompts": len(self.samples)}
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+    def summary(self) -> str:
+        s = self.stats
+        parts = [f"{s['rows']:,} rows -> {s['prompts']:,} prompts",
+                 f"prompt tokens mean {self.lengths.mean():.0f}, max {self.lengths.max()}"]
+        if s["skipped"]:
+            parts.append("skipped " + ", ".join(f"{k} {v:,}" for k, v in sorted(s["skipped"].items())))
+        return "; ".join(parts)
+
+
+def _prompt_messages(row: dict, field: str, system_prompt: str | None) -> list[dict]:
+    if field not in row:
+        raise BadRow("missing_fields", f"no {field!r} field (has {sorted(row)})")
+    value = row[field]
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRow("missing_fields", f"empty {field!r}")
+        messages = [{"role": "user", "content": value}]
+    elif isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        messages = [{"role": m["role"], "content": m["content"]} for m in value]
+    else:
+        raise BadRow("missing_fields", f"{field!r} must be a string or a list of {{role, content}} messages")
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return messages
