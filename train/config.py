@@ -92,6 +92,9 @@ class CheckpointConfig:
     """auto: continue from the newest complete checkpoint in out_dir if any; none; or a path."""
     export_hf: bool = True
     """Write <out_dir>/final/ in Hugging Face format at the end."""
+    check_export: bool = True
+    """Reload final/ and compare it with the trained network (tensors, logits, greedy tokens; with
+    transformers installed, its loader too); a mismatch is an error. Gathers the model on rank 0."""
 
 
 @dataclass

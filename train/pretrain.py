@@ -35,7 +35,8 @@ from train.dist import all_reduce_sum, barrier, catch_stop_signals, setup_distri
 from train.log import Throughput
 from train.optim import build_optimizer, clip_grad_norm_, lr_at
 from train.parallel import autocast, parallelize
-from train.run import check_finite, evaluate_loss, load_or_init_weights, resume_or_start, start_run
+from train.plot import write_curves
+from train.run import check_finite, evaluate_loss, load_or_init_weights, report_export, resume_or_start, start_run
 
 
 @dataclass
@@ -173,6 +174,8 @@ def main(cfg: PretrainConfig) -> dict:
                  "model_config": dataclasses.asdict(mcfg), "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir else None}
         path = save_checkpoint(out_dir, step, model, optimizer, extra, to_dict(cfg), cfg.checkpoint.keep_last)
         logger.print(f"checkpoint saved: {path}")
+        if dist.is_main:
+            write_curves(out_dir)
 
     def evaluate() -> dict:
         return {"loss": evaluate_loss(model, val_data.iter_eval(cfg.eval_batches), dist, cfg.parallel)}
@@ -230,6 +233,11 @@ def main(cfg: PretrainConfig) -> dict:
     result = {"step": step, "val_loss": val_metrics.get("loss")}
     if step == steps:
         result.update(_finish(cfg, model, tokenizer_dir, data_dir, dist, logger, val_metrics.get("loss")))
+        if cfg.checkpoint.export_hf:
+            report_export(model, out_dir / "final", cfg, loop="pretrain", base_dir=None, adapter=False,
+                          datasets=[str(cfg.data.dir)], metrics={"step": step, "tokens": throughput.tokens_seen,
+                                                                 "loss": loss_value, "val_loss": val_metrics.get("loss")},
+                          dist=dist, logger=logger)
     logger.close()
     teardown_distributed()
     return result

@@ -98,3 +98,21 @@ def sample_chat(final_dir, base_dir, prompt: str, max_new_tokens: int, device) -
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True))
     new = generate(model, [ids], max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
     return tok.decode(new)
+
+
+def report_export(model, final: Path, cfg, *, loop: str, base_dir, adapter: bool, datasets: list[str], metrics: dict,
+                  dist: DistInfo, logger: MetricsLogger) -> None:
+    """After final/ is written: prove it (checkpoints/export_check.py: the files reloaded equal the network
+    in memory; a mismatch raises, naming the tensor), then draw the curves and write the model card.
+    Call on every rank (the check gathers a sharded model)."""
+    from checkpoints.export_check import check_export
+    from checkpoints.model_card import write_model_card
+    from train.plot import write_curves
+
+    if cfg.checkpoint.check_export:
+        check = check_export(model, final, adapter=adapter, base_dir=base_dir if adapter else None)
+        logger.print(check["summary"])
+    if dist.is_main:
+        write_curves(cfg.out_dir)  # before the card, which copies curves.png
+        write_model_card(final, base_model=cfg.model.checkpoint, run_config=to_dict(cfg), metrics=metrics,
+                         datasets=datasets, license=None, tags=[loop], adapter=adapter)

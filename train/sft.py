@@ -49,7 +49,8 @@ from train.dist import all_reduce_sum, barrier, catch_stop_signals, setup_distri
 from train.log import Throughput
 from train.optim import build_optimizer, clip_grad_norm_, lr_at
 from train.parallel import autocast, parallelize
-from train.run import check_finite, evaluate_loss, load_or_init_weights, resume_or_start, sample_chat, start_run
+from train.plot import write_curves
+from train.run import check_finite, evaluate_loss, load_or_init_weights, report_export, resume_or_start, sample_chat, start_run
 
 
 @dataclass
@@ -179,6 +180,8 @@ def main(cfg: SFTConfig) -> dict:
         path = save_checkpoint(out_dir, step, model, optimizer, extra, to_dict(cfg), cfg.checkpoint.keep_last,
                                trainable_only=cfg.lora is not None)
         logger.print(f"checkpoint saved: {path}")
+        if dist.is_main:
+            write_curves(out_dir)
 
     def evaluate() -> dict:
         return {"loss": evaluate_loss(model, val_data.iter_eval(cfg.eval_batches), dist, cfg.parallel)}
@@ -243,6 +246,8 @@ def main(cfg: SFTConfig) -> dict:
             export_lora(model, final, ckpt_dir, tokenizer=tokenizer, merge=cfg.lora.merge, base_name=cfg.model.checkpoint)
             logger.print(f"PEFT adapter written to {final}" + (f", merged model to {final / 'merged'}"
                                                                  if cfg.lora.merge else ""))
+        report_export(model, final, cfg, loop="sft", base_dir=ckpt_dir, adapter=cfg.lora is not None,
+                      datasets=[str(p) for p in cfg.data.train], metrics={"step": step, "tokens": throughput.tokens_seen, "loss": loss_value, **{f"val_{k}": v for k, v in val_metrics.items()}}, dist=dist, logger=logger)
         result["final_dir"] = str(final)
         if dist.is_main and cfg.sample_tokens:
             result["sample"] = sample_chat(final, ckpt_dir if cfg.lora else None, cfg.sample_prompt,
