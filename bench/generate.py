@@ -103,6 +103,50 @@ def logprob_mismatch(ours, engine, prompts, P, N, dtype, device, sampling):
           f"(mean log-prob {teacher.mean():.2f})", flush=True)
 
 
+def attention_backends(cfg, L, batches, bandwidth):
+    """One layer's decode attention (query heads grouped per key head, mask over the static cache)
+    through each SDPA backend and written out, eager: what a better decode kernel could save."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    K, G, D = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    for b in batches:
+        q = torch.randn(b, K, G, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, K, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        bias = torch.zeros(b, 1, 1, L, device="cuda", dtype=torch.bfloat16)
+        bias[:, :, :, L // 2 + 1 :] = float("-inf")
+
+        def written_out():
+            scores = (q @ k.transpose(-1, -2)).float() / D**0.5 + bias  # (b, K, G, L)
+            return scores.softmax(-1).to(v.dtype) @ v
+
+        variants = {"written out": written_out}
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                              ("math", SDPBackend.MATH)):
+            def fn(backend=backend):
+                with sdpa_kernel([backend]):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            variants[name] = fn
+        times = {}
+        for name, fn in variants.items():
+            try:
+                fn()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(20):
+                    fn()
+                end.record()
+                torch.cuda.synchronize()
+                times[name] = start.elapsed_time(end) / 20 * 1e3
+            except Exception as e:
+                times[name] = float("nan")
+                print(f"#   {name}: {type(e).__name__}: {str(e)[:120]}")
+        kv_bytes = 2 * k.numel() * k.element_size()
+        print(f"# decode attention, one layer, batch {b} x {L} columns ({kv_bytes / 2**20:.0f} MiB of K/V, "
+              f"{kv_bytes / bandwidth * 1e6:.1f} us at the copy bandwidth), us: " +
+              ", ".join(f"{n} {t:.1f}" for n, t in times.items()))
+
+
+
 def decode_step_profile(ours, engine, b, P, N, weight_bytes, bandwidth):
     """One decode step: eager, compiled, compiled + CUDA graph; then where the compiled step's time goes."""
     key = (b, (1.0, None, None, 0))
@@ -126,6 +170,7 @@ def decode_step_profile(ours, engine, b, P, N, weight_bytes, bandwidth):
     print(f"\n# one decode step at batch {b} (ms; bound {weight_bytes / bandwidth * 1e3:.2f} ms): " +
           ", ".join(f"{k} {v:.3f} ({b / v * 1e3:,.0f} tok/s)" for k, v in steps.items()))
     del eager
+    attention_backends(ours.config, engine.max_len, [b, 4 * b], bandwidth)
     engine._pos.zero_(), engine._step.zero_()
     from torch.profiler import ProfilerActivity, profile
 
@@ -228,23 +273,17 @@ def main():
         except Exception as e:  # a failing section does not end the benchmark
             print(f"# failed: {type(e).__name__}: {str(e)[:500]}", flush=True)
         free(device)
-        # ---- 1b. transformers, default cache then static cache
+        # ---- 1b. transformers: static cache (compiled by transformers) first, it is the slow one to set up
         ids_mask = {}
         for b in batches:
             ids_mask[b] = (torch.tensor(prompts[:b], device=device), torch.ones(b, P, dtype=torch.long, device=device))
-        hf.generation_config.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0,
+        hf.generation_config.update(do_sample=True, temperature=1.0, top_k=None, top_p=None, pad_token_id=0,
                                     eos_token_id=None)
 
         def run_hf(b, n, **kw):
             ids, mask = ids_mask[b]
             return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kw)
 
-        for b in batches:
-            run_hf(b, 8)
-            out, seconds, mem = timed(lambda: run_hf(b, N), device, baseline, weight_bytes)
-            assert out.shape == (b, P + N)
-            row("transformers, default cache", b, b * N, seconds, mem)
-            free(device)
         for b in hf_static:
             if elapsed() > args.deadline_s:
                 print(f"# skipped transformers static cache at batch {b}: past --deadline_s")
@@ -258,22 +297,35 @@ def main():
                 out, seconds, mem = timed(lambda: run_hf(b, N, cache_implementation="static"), device, baseline,
                                           weight_bytes)
                 row("transformers, static cache compiled", b, b * N, seconds, mem)
-                print(f"#   warm-up (2 calls, compile included): {warmup:.1f}s")
+                print(f"#   warm-up (2 calls, compile included): {warmup:.1f}s", flush=True)
             except Exception as e:  # a failing row does not end the table
                 print(f"# transformers static cache at batch {b} failed: {type(e).__name__}: {str(e)[:300]}")
             free(device)
+        for b in batches:
+            run_hf(b, 8)
+            out, seconds, mem = timed(lambda: run_hf(b, N), device, baseline, weight_bytes)
+            assert out.shape == (b, P + N)
+            row("transformers, default cache", b, b * N, seconds, mem)
+            free(device)
+        b = 64 if 64 in batches else batches[0]
+        out, seconds, mem = timed(lambda: run_hf(b, N, do_sample=False), device, baseline, weight_bytes)
+        row("transformers, default cache, greedy", b, b * N, seconds, mem)
 
         # ---- 1c. LoRA, adapters unmerged (merged is the plain model above)
         if args.lora and elapsed() < args.deadline_s:
             from model.lora import apply_lora
 
-            b = 64 if 64 in batches else batches[0]
             lora = apply_lora(copy.deepcopy(ours), "all-linear", r=16, alpha=32)
             engine = RolloutEngine(lora, b, P, N)
+            t0 = time.perf_counter()
             engine.generate(prompts[:b], 8, seed=0, **sampling)
+            warmup = time.perf_counter() - t0
             out, seconds, mem = timed(lambda: engine.generate(prompts[:b], N, seed=1, **sampling), device, baseline,
                                       weight_bytes, repeats=3)
             row("ours + LoRA r=16 all-linear, unmerged", b, b * N, seconds, mem)
+            print(f"#   warm-up (compile + capture): {warmup:.1f}s")
+        elif args.lora:
+            print("# skipped LoRA: past --deadline_s")
     print(f"# total {elapsed():.0f}s")
 
 

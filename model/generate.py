@@ -399,7 +399,6 @@ class RolloutEngine:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         elif seed is None:
             seed = int(torch.randint(0, 2**62, (1,)))
-        self._gen.manual_seed(seed)
         self._is_stop.zero_()
         stops = [i for i in set(stop_ids) if 0 <= i < self.cfg.vocab_size]
         if stops:
@@ -410,16 +409,17 @@ class RolloutEngine:
         with full_weights(self.model):
             for i in range(0, len(prompts), self.max_batch):
                 t, lp = self._generate_batch(prompts[i : i + self.max_batch], budgets[i : i + self.max_batch],
-                                             sampling, compact)
+                                             sampling, compact, seed + i)
                 tokens += t
                 logprobs += lp
         return (tokens, logprobs) if return_logprobs else tokens
 
-    def _generate_batch(self, prompts, budgets, sampling, compact):
+    def _generate_batch(self, prompts, budgets, sampling, compact, seed):
         n, P = len(prompts), max(len(p) for p in prompts)
         b = self._bucket(n)
         if self.cuda_graphs:
             self._capture_graphs(b, sampling)  # before the prefill: capture runs the step on scratch state
+        self._gen.manual_seed(seed)  # after capturing, whose warm-up steps draw from it
         dev, pad_id = self.device, sampling[3]
 
         # ---- state: n prompts, then padding slots that start finished
