@@ -270,7 +270,8 @@ FIELD_BOUNDS: dict[str, Bound] = {
     # GRPO and generation (train/grpo.py): a group needs two samples to have a spread
     "num_generations": Bound(2), "prompts_per_step": AT_LEAST_1, "max_new_tokens": AT_LEAST_1,
     "max_completion_len": AT_LEAST_1, "max_prompt_tokens": AT_LEAST_1, "num_iterations": AT_LEAST_1,
-    "generation_batch": AT_LEAST_1, "rollout_batch": AT_LEAST_1, "top_k": AT_LEAST_0,
+    "generation_batch": AT_LEAST_1, "rollout_batch": AT_LEAST_1, "top_k": AT_LEAST_0, "mu": AT_LEAST_1,
+    "log_completions_every": AT_LEAST_0,
     # counts where 0 means off / none
     "seed": AT_LEAST_0, "eval_every": AT_LEAST_0, "checkpoint.every": AT_LEAST_0, "keep_last": AT_LEAST_0,
     "warmup_steps": AT_LEAST_0, "max_skipped_steps": AT_LEAST_0, "sample_tokens": AT_LEAST_0,
@@ -278,6 +279,7 @@ FIELD_BOUNDS: dict[str, Bound] = {
     "lr": ABOVE_0, "eps": ABOVE_0, "alpha": ABOVE_0, "temperature": ABOVE_0, "dpo.beta": ABOVE_0,
     "weight_decay": AT_LEAST_0, "grad_clip": AT_LEAST_0, "simpo_gamma_beta_ratio": AT_LEAST_0,
     "beta": AT_LEAST_0, "epsilon": AT_LEAST_0, "epsilon_high": AT_LEAST_0, "epsilon_low": AT_LEAST_0,
+    "clip_low": BELOW_1, "clip_high": AT_LEAST_0,  # the ratio is clipped to [1 - clip_low, 1 + clip_high]
     "reward_weights": AT_LEAST_0,
     # fractions
     "min_lr_ratio": UNIT, "betas": BELOW_1, "val_fraction": BELOW_1, "dropout": BELOW_1, "top_p": Bound(0, 1, lo_open=True),
