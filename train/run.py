@@ -11,32 +11,39 @@ from pathlib import Path
 import torch
 import yaml
 
-from checkpoints.io import check_resume_config, load_checkpoint, resume_path
+from checkpoints.io import check_resume_config, load_checkpoint, resume_path, saved_config
 from train.batching import num_targets, to_device
-from train.config import RESUMABLE_KEYS, CheckpointConfig, LogConfig, ParallelConfig, to_dict
+from train.config import RESUMABLE_KEYS, CheckpointConfig, LogConfig, ParallelConfig, to_dict, validate_config
 from train.dist import DistInfo, all_reduce_sum
 from train.log import MetricsLogger
 from train.parallel import autocast
 
 
 def start_run(out_dir: str, log_cfg: LogConfig, cfg, dist: DistInfo) -> MetricsLogger:
-    """The run folder's logger (console on rank 0, metrics.jsonl, trackers). The config is written
-    into the folder only once resume has accepted it (`resume_or_start`), so a rejected config
-    never overwrites a run's own."""
+    """The run folder's logger (console on rank 0, metrics.jsonl, trackers), once the config is
+    valid (`validate_config`, for Python callers of main(cfg) too) and fits the checkpoint it would
+    resume from (its meta.json alone: refused before anything is prepared or written). The config is
+    written into the folder only once resume has accepted it (`resume_or_start`), so a rejected
+    config never overwrites a run's own."""
+    validate_config(cfg)
+    if (saved := saved_config(out_dir, cfg.checkpoint.resume)) is not None:
+        check_resume_config(saved, to_dict(cfg), ignore=RESUMABLE_KEYS)
     return MetricsLogger(Path(out_dir), log_cfg, enabled=dist.is_main, run_config=to_dict(cfg))
 
 
 def resume_or_start(out_dir: str, ckpt_cfg: CheckpointConfig, cfg, model, optimizer, dist: DistInfo,
                     logger: MetricsLogger, trainable_only: bool = False) -> tuple[int, dict | None]:
-    """(step to start from, the checkpoint's `extra` or None): the newest complete checkpoint of
-    out_dir (any world size), after checking that the config changed only in RESUMABLE_KEYS. Then
-    the config is written into the run folder."""
+    """(step to start from, the checkpoint's `extra` or None): the newest checkpoint of out_dir that
+    verifies (any world size; a newer damaged one is named in a warning and skipped, checkpoints/io.py's
+    `resume_path`), after checking that the config changed only in RESUMABLE_KEYS. Then the config is
+    written into the run folder."""
     start_step, extra = 0, None
     resume_from = resume_path(out_dir, ckpt_cfg.resume)
     if resume_from is not None:
         start_step, extra, saved_cfg = load_checkpoint(resume_from, model, optimizer, trainable_only=trainable_only,
                                                        check_config=lambda saved: check_resume_config(
-                                                           saved, to_dict(cfg), ignore=RESUMABLE_KEYS))
+                                                           saved, to_dict(cfg), ignore=RESUMABLE_KEYS),
+                                                       verify=False)  # resume_path just verified it
         logger.print(f"resumed from {resume_from} at step {start_step}")
     if dist.is_main:
         (Path(out_dir) / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
