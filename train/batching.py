@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from algos.logprobs import IGNORE_INDEX
-from train.corpus import load_meta
+from train.corpus import load_meta, max_token_id
 
 
 def num_targets(batch) -> int:
@@ -101,10 +101,13 @@ class TokenWindows:
     """Micro-batches {input_ids, targets} of shape (batch_size, seq_len) from one split's token shards.
 
     The split is cut into non-overlapping windows of seq_len + 1 tokens starting every seq_len
-    tokens, within each shard; every target is scored.
+    tokens, within each shard; every target is scored. With `vocab_size` (the model's), a shard holding
+    an id the embedding does not have is an error naming it, here at load rather than an IndexError in
+    the first forward: its largest id from meta.json (prepare records it), or read once from the shard.
     """
 
-    def __init__(self, data_dir, split, seq_len, batch_size, rank=0, world_size=1, seed=0, pin_memory=False):
+    def __init__(self, data_dir, split, seq_len, batch_size, rank=0, world_size=1, seed=0, pin_memory=False,
+                 vocab_size: int | None = None):
         self.data_dir = Path(data_dir)
         meta = load_meta(self.data_dir)
         if split not in meta["shards"]:
@@ -114,6 +117,14 @@ class TokenWindows:
         dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         shards = [s for s in meta["shards"][split] if s["tokens"] > 0]
         self.shards = [np.memmap(self.data_dir / s["file"], dtype=dtype, mode="r") for s in shards]
+        if vocab_size is not None:
+            for s, ids in zip(shards, self.shards):
+                max_id = s["max_id"] if isinstance(s.get("max_id"), int) else max_token_id(ids)
+                if max_id >= vocab_size:
+                    raise ValueError(
+                        f"{self.data_dir / s['file']}: token id {max_id} is outside the model's vocabulary "
+                        f"(vocab_size {vocab_size}); the data was made with another tokenizer "
+                        f"({self.data_dir / 'meta.json'} says vocab_size {meta['vocab_size']})")
         self.tokens = sum(s["tokens"] for s in shards)
         # Window w of the split is window w - first[k] of shard k, for first[k] <= w < first[k + 1].
         windows_per_shard = [max(0, (len(m) - 1) // seq_len) for m in self.shards]

@@ -15,8 +15,9 @@ On disk, DIR holds raw little-endian token shards `train_00000.bin`, ..., `val_0
 when every id fits, else uint32) and `meta.json`:
     {"format_version": 1, "dtype": "uint16", "vocab_size": 50257, "eos_id": 50256,
      "tokenizer": "/abs/path/to/tokenizer_dir", "num_docs": 3,
-     "shards": {"train": [{"file": "train_00000.bin", "tokens": 1234}], "val": [...]}}
-meta.json is written last, so a directory with a meta.json is complete.
+     "shards": {"train": [{"file": "train_00000.bin", "tokens": 1234, "max_id": 50256}], "val": [...]}}
+meta.json is written last, so a directory with a meta.json is complete; the whole folder is written
+beside DIR and swapped in only then, so preparing again never damages the dataset already there.
 
 Validation split: every 1/val_fraction-th document goes to val (spread over the whole corpus, so
 val covers every input rather than only the last file). When the corpus has too few documents
@@ -33,12 +34,17 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
+import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from model.files import read_json
 
 FORMAT_VERSION = 1
 EOS_TOKEN = "<|endoftext|>"  # the special token of tokenizers that prepare trains itself
@@ -72,8 +78,12 @@ def _read_txt(path):
 
 def _read_jsonl(path, text_field):
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(_lines(f, path), start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a byte-order mark is not text
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -90,16 +100,36 @@ def _read_jsonl(path, text_field):
                 yield text
 
 
+def _lines(f, path):
+    """The lines of an open (maybe gzip'd) file; a corrupt or truncated .gz is an error naming it."""
+    try:
+        yield from f
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise ValueError(f"{path}: corrupt or truncated gzip file ({type(e).__name__}: {e})") from None
+
+
 def _read_parquet(path, text_field):
     try:
         import pyarrow.parquet as pq  # optional: only parquet inputs need it
     except ImportError:
         raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-    parquet = pq.ParquetFile(path)
+    import pyarrow as pa
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
     columns = parquet.schema_arrow.names
     if text_field not in columns:
         raise ValueError(f"{path}: no column {text_field!r} (found {columns}); set --text_field")
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+    batches = parquet.iter_batches(columns=[text_field], batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: corrupt parquet file ({e})") from None
+        if batch is None:
+            return
         for text in batch.column(0).to_pylist():
             if text:  # nulls and empty strings carry no text
                 yield text
@@ -271,10 +301,14 @@ class _ShardWriter:
         return np.concatenate(pieces[::-1]) if pieces else np.zeros(0, self.dtype)
 
     def finish(self):
+        """Rename the shards into place; their list for meta.json, with each shard's largest id (so a
+        loader checks it against the model's vocabulary without reading the shard)."""
         self._close()
+        max_ids = [max_token_id(np.memmap(self._tmp_path(i), self.dtype, mode="r")) if n else -1
+                   for i, n in enumerate(self.sizes)]
         for index in range(len(self.sizes)):
             os.replace(self._tmp_path(index), self.out_dir / self._name(index))
-        return [{"file": self._name(i), "tokens": tokens} for i, tokens in enumerate(self.sizes)]
+        return [{"file": self._name(i), "tokens": tokens, "max_id": max_ids[i]} for i, tokens in enumerate(self.sizes)]
 
     def abort(self):
         self._close()
@@ -285,6 +319,11 @@ class _ShardWriter:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def max_token_id(ids):
+    """The largest id of a (memory-mapped) shard, read 64M tokens at a time; -1 when empty."""
+    return max((int(ids[i:i + (1 << 26)].max()) for i in range(0, len(ids), 1 << 26)), default=-1)
 
 
 def _empty_corpus_error(inputs, text_field):
@@ -298,6 +337,12 @@ def prepare(inputs, out_dir, tokenizer_dir=None, text_field="text", val_fraction
 
     Without tokenizer_dir, a byte-level BPE tokenizer of vocab_size is trained on the inputs
     first and saved to out_dir/tokenizer. workers=None uses every CPU; workers=1 stays in process.
+
+    Nothing is lost: the dataset is written into a hidden folder beside out_dir (.NAME.tmp) and
+    swapped in only once complete, as checkpoints are, so a failure (a bad row, a kill) leaves a
+    dataset already in out_dir as it was. out_dir must hold nothing but a dataset (it is replaced
+    whole). A prepare killed between the two renames of the swap leaves the previous dataset in
+    .NAME.old; the next prepare puts it back first.
     """
     inputs = [Path(p) for p in inputs]
     if not inputs:
@@ -313,14 +358,61 @@ def prepare(inputs, out_dir, tokenizer_dir=None, text_field="text", val_fraction
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     workers = workers or os.cpu_count() or 1
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "meta.json").unlink(missing_ok=True)  # until the new one is written, the directory is not complete
+    work, old = _swap_dirs(out_dir)
+    if not out_dir.exists() and (old / "meta.json").is_file():
+        os.replace(old, out_dir)  # a prepare killed between the swap's renames: the previous dataset goes back
+    _check_replaceable(out_dir)
+    shutil.rmtree(work, ignore_errors=True)  # leftovers of an interrupted prepare
+    shutil.rmtree(old, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        meta = _write_dataset(inputs, work, out_dir, tokenizer_dir, text_field, val_fraction, workers,
+                              shard_tokens, vocab_size, progress)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return meta
 
+
+# The names a dataset folder holds; prepare replaces a folder holding anything else only after asking.
+_DATASET_NAME = re.compile(r"^(meta\.json|(train|val)_\d{5}\.bin|tokenizer)(\.tmp)?$")
+
+
+def _swap_dirs(out_dir):
+    """The hidden folders beside out_dir: the dataset being written, and the one being replaced."""
+    return out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
+
+
+def _check_replaceable(out_dir):
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder")
+    foreign = sorted(p.name for p in out_dir.iterdir() if not _DATASET_NAME.match(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"--out {out_dir} holds files that are not part of a token dataset ({shown}); prepare "
+                         "replaces the whole folder, so choose a new or empty one")
+
+
+def _write_dataset(inputs, work, out_dir, tokenizer_dir, text_field, val_fraction, workers, shard_tokens,
+                   vocab_size, progress):
+    """prepare's work, into the folder `work`; meta.json names out_dir's tokenizer, where it will be."""
+    final_tokenizer = None
     if tokenizer_dir is None:
-        tokenizer_dir = out_dir / "tokenizer"
+        tokenizer_dir, final_tokenizer = work / "tokenizer", out_dir / "tokenizer"
         if progress:
             print(f"[prepare] training a byte-level BPE tokenizer, vocab {vocab_size}", file=sys.stderr)
         train_tokenizer(inputs, tokenizer_dir, vocab_size, text_field)
+    elif Path(tokenizer_dir).resolve().is_relative_to(out_dir.resolve()):
+        # The tokenizer of the dataset being replaced: copied, since the old folder goes away.
+        final_tokenizer = Path(tokenizer_dir)
+        tokenizer_dir = work / Path(tokenizer_dir).resolve().relative_to(out_dir.resolve())
+        shutil.copytree(final_tokenizer, tokenizer_dir)
     tokenizer_dir = Path(tokenizer_dir).resolve()
     tokenizer, eos_id = load_tokenizer(tokenizer_dir)
     # One past the largest id, not the token count: some vocabularies have holes in their ids.
@@ -328,7 +420,7 @@ def prepare(inputs, out_dir, tokenizer_dir=None, text_field="text", val_fraction
     dtype = "uint16" if vocab <= 65535 else "uint32"
     disk_dtype = np.dtype(dtype).newbyteorder("<")
 
-    writers = {split: _ShardWriter(out_dir, split, disk_dtype, shard_tokens) for split in ("train", "val")}
+    writers = {split: _ShardWriter(work, split, disk_dtype, shard_tokens) for split in ("train", "val")}
     num_docs, num_tokens = 0, 0
     start = last_report = time.time()
     stream = _encode_stream(inputs, text_field, tokenizer, tokenizer_dir / "tokenizer.json", eos_id,
@@ -368,13 +460,11 @@ def prepare(inputs, out_dir, tokenizer_dir=None, text_field="text", val_fraction
         "dtype": dtype,
         "vocab_size": vocab,
         "eos_id": eos_id,
-        "tokenizer": str(tokenizer_dir),
+        "tokenizer": str((final_tokenizer or tokenizer_dir).resolve()),
         "num_docs": num_docs,
         "shards": shards,
     }
-    tmp = out_dir / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out_dir / "meta.json")
+    (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -389,17 +479,33 @@ def _report(num_docs, num_tokens, start, final):
 # ----------------------------------------------------------------------------- reading shards
 
 def load_meta(data_dir):
-    """Read DIR/meta.json and check that every shard it lists is on disk with the right size."""
+    """Read DIR/meta.json and check that every shard it lists is on disk with the right size. A meta.json
+    that is empty, corrupt or missing a key is an error naming it and the key."""
     data_dir = Path(data_dir)
     meta_file = data_dir / "meta.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{meta_file} not found: run `python -m train.corpus prepare --out {data_dir} ...`")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_file}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        old = _swap_dirs(data_dir)[1]
+        hint = (f" (a prepare was interrupted: the previous dataset is in {old}; rerun prepare, which puts it "
+                "back first)" if (old / "meta.json").is_file() else "")
+        raise FileNotFoundError(f"{meta_file} not found: run `python -m train.corpus prepare --out {data_dir} ...`"
+                                + hint)
+    meta = read_json(meta_file, keys=("format_version", "dtype", "vocab_size", "shards"))
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{meta_file}: format_version {meta['format_version']}, expected {FORMAT_VERSION}")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise ValueError(f"{meta_file}: dtype {meta['dtype']!r}, expected 'uint16' or 'uint32'")
+    if not isinstance(meta["vocab_size"], int) or meta["vocab_size"] < 1:
+        raise ValueError(f"{meta_file}: vocab_size {meta['vocab_size']!r} is not a positive integer")
+    if not isinstance(meta["shards"], dict):
+        raise ValueError(f"{meta_file}: shards is not an object of splits")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split, shards in meta["shards"].items():
-        for shard in shards:
+        if not isinstance(shards, list):
+            raise ValueError(f"{meta_file}: shards.{split} is not a list")
+        for i, shard in enumerate(shards):
+            if not (isinstance(shard, dict) and isinstance(shard.get("file"), str)
+                    and isinstance(shard.get("tokens"), int) and shard["tokens"] >= 0):
+                raise ValueError(f"{meta_file}: shards.{split}[{i}] needs a file name and a token count, found {shard!r}")
             path = data_dir / shard["file"]
             expected = shard["tokens"] * itemsize
             if not path.is_file():
