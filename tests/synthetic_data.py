@@ -47,7 +47,8 @@ def arithmetic(n_train: int = 600, n_val: int = 100, seed: int = 0, high: int = 
     chats = [{"prompt": prompt(a, b), "completion": solution(a, b)} for a, b in train]
     everything = pairs * 3
     random.Random(seed + 1).shuffle(everything)
-    text = "".join(f"{a} + {b} = {a + b}\n" for a, b in everything)
+    text = "".join(f"What is {a} + {b}? {a} + {b} = {a + b}.\n" if i % 2 else f"{a} + {b} = {a + b}\n"
+                   for i, (a, b) in enumerate(everything))
     return prompts, val_prompts, chats, text
 
 
