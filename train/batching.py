@@ -121,10 +121,12 @@ class TokenWindows:
             for s, ids in zip(shards, self.shards):
                 max_id = s["max_id"] if isinstance(s.get("max_id"), int) else max_token_id(ids)
                 if max_id >= vocab_size:
-                    raise ValueError(
-                        f"{self.data_dir / s['file']}: token id {max_id} is outside the model's vocabulary "
-                        f"(vocab_size {vocab_size}); the data was made with another tokenizer "
-                        f"({self.data_dir / 'meta.json'} says vocab_size {meta['vocab_size']})")
+                    meta_file, data_vocab = self.data_dir / "meta.json", meta["vocab_size"]
+                    why = (f"the data was made with a larger tokenizer ({meta_file}: vocab_size {data_vocab})"
+                           if data_vocab > vocab_size else f"{meta_file} says vocab_size {data_vocab}: the shard "
+                           "is damaged or was written with another tokenizer")
+                    raise ValueError(f"{self.data_dir / s['file']}: token id {max_id} is outside the model's "
+                                     f"vocabulary (vocab_size {vocab_size}); {why}")
         self.tokens = sum(s["tokens"] for s in shards)
         # Window w of the split is window w - first[k] of shard k, for first[k] <= w < first[k + 1].
         windows_per_shard = [max(0, (len(m) - 1) // seq_len) for m in self.shards]
