@@ -236,11 +236,12 @@ def test_every_yaml_config_parses():
     from train.config import parse_config as parse
 
     from train.dpo import DPOConfig
+    from train.grpo import GRPOConfig
     from train.lora import LORA_DEFAULTS
     from train.sft import SFTConfig
 
     loops = {"pretrain": (PretrainConfig, None), "sft": (SFTConfig, None), "lora": (SFTConfig, LORA_DEFAULTS),
-             "dpo": (DPOConfig, None)}
+             "dpo": (DPOConfig, None), "grpo": (GRPOConfig, None)}
     files = sorted((ROOT / "configs").glob("*/*.yaml"))
     assert files
     for f in files:
