@@ -64,6 +64,19 @@ class BadRow(ValueError):
 
 # ----------------------------------------------------------------------------- reading rows
 
+def data_files(paths, what: str) -> list[Path]:
+    """The input files as Paths, each checked to exist and to have a readable suffix, before any is read."""
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not paths:
+        raise ValueError(f"{what} needs at least one file")
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} file not found: {path}")
+        if not path.name.lower().endswith(SUFFIXES):
+            raise ValueError(f"{path}: unsupported {what} file (use {', '.join(SUFFIXES)})")
+    return paths
+
+
 def iter_rows(path):
     """Yield (where, row) for each row of a .jsonl, .json or .parquet file, in order. `where` is
     "file:line" or "file[row]"; `row` is a dict as stored, or a BadRow for a line that could not be
@@ -257,14 +270,7 @@ class SFTDataset:
 
     def __init__(self, paths, tokenizer, max_seq_len, train_on="assistant", overlong="truncate",
                  on_bad_row="raise", progress=True):
-        paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-        if not paths:
-            raise ValueError("SFTDataset needs at least one chat data file")
-        for path in paths:
-            if not path.is_file():
-                raise FileNotFoundError(f"chat data file not found: {path}")
-            if not path.name.lower().endswith(SUFFIXES):
-                raise ValueError(f"{path}: unsupported chat data file (use {', '.join(SUFFIXES)})")
+        paths = data_files(paths, "chat data")
         for name, value, allowed in (("train_on", train_on, ("assistant", "all")),
                                      ("overlong", overlong, ("truncate", "drop")),
                                      ("on_bad_row", on_bad_row, ("raise", "skip"))):

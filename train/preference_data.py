@@ -47,14 +47,13 @@ import re
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from algos.logprobs import IGNORE_INDEX
 from train.chat_data import BAD_ROW_REASONS as CHAT_BAD_ROW_REASONS
-from train.chat_data import SUFFIXES, BadRow, format_example, iter_rows, to_messages, tokenize_conversation
+from train.chat_data import BadRow, data_files, format_example, iter_rows, to_messages, tokenize_conversation
 
 BAD_ROW_REASONS = CHAT_BAD_ROW_REASONS + ("identical_responses", "empty_response", "different_prompts",
                                           "no_room_for_response")
@@ -253,14 +252,7 @@ class _Ragged:
 
 
 def _check_args(paths, max_len, max_prompt_len, truncation, on_bad_row):
-    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-    if not paths:
-        raise ValueError("preference data needs at least one file")
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"preference data file not found: {path}")
-        if not path.name.lower().endswith(SUFFIXES):
-            raise ValueError(f"{path}: unsupported preference data file (use {', '.join(SUFFIXES)})")
+    paths = data_files(paths, "preference data")
     for name, value, allowed in (("truncation", truncation, TRUNCATION), ("on_bad_row", on_bad_row, ("raise", "skip"))):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

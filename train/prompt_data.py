@@ -12,11 +12,9 @@ different problem: such rows are dropped instead).
 """
 
 from collections import Counter
-from pathlib import Path
-
 import numpy as np
 
-from train.chat_data import SUFFIXES, BadRow, iter_rows
+from train.chat_data import BadRow, data_files, iter_rows
 
 
 class PromptDataset:
@@ -24,14 +22,7 @@ class PromptDataset:
 
     def __init__(self, paths, tokenizer, prompt_field="prompt", system_prompt=None, max_prompt_len=512,
                  on_bad_row="raise"):
-        paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-        if not paths:
-            raise ValueError("PromptDataset needs at least one prompt file")
-        for path in paths:
-            if not path.is_file():
-                raise FileNotFoundError(f"prompt file not found: {path}")
-            if not path.name.lower().endswith(SUFFIXES):
-                raise ValueError(f"{path}: unsupported prompt file (use {', '.join(SUFFIXES)})")
+        paths = data_files(paths, "prompt data")
         self.pad_id = tokenizer.pad_id
         self.samples, skipped, rows = [], Counter(), 0
         for path in paths:
