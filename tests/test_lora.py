@@ -27,6 +27,14 @@ def _rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+# Logits of two paths that sum in different orders (ours vs PEFT on transformers' eager attention; merged
+# W + sBA vs the unmerged x W + s (x A) B) differ by float32 noise: max|diff| / max|logit| is at most 2.5e-6
+# here (1 and 2 threads). A real fault (a mixed-up key, a transpose, a wrong scaling) moves them by more than
+# 1e-2 (test_merge_disable_and_export checks that the adapters' effect is that large). 1e-4 sits 40x above
+# the noise and 100x below a fault.
+CROSS_PATH = 1e-4
+
+
 def _ids(vocab, shape=(2, 23), seed=1):
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
@@ -67,7 +75,7 @@ def test_peft_adapter_loads_into_ours(name, targets, rslora, tmp_path):
     assert all(m.scaling == (8 / 2 if rslora else 8 / 4) for m in wrapped.values())
     ids = _ids(hf.config.vocab_size)
     with torch.no_grad():
-        assert _rel_err(ours(ids), ref(ids).logits) < 1e-5
+        assert _rel_err(ours(ids), ref(ids).logits) < CROSS_PATH
 
 
 # ----------------------------------------------------------------------------- ours -> PEFT
@@ -95,7 +103,7 @@ def test_our_adapter_loads_in_peft(name, targets, tmp_path):
     assert not result.missing_keys and not result.unexpected_keys
     ids = _ids(ours.config.vocab_size)
     with torch.no_grad():
-        assert _rel_err(ours(ids), ref(ids).logits) < 1e-5
+        assert _rel_err(ours(ids), ref(ids).logits) < CROSS_PATH
 
 
 # ----------------------------------------------------------------------------- merge / disable
@@ -116,24 +124,24 @@ def test_merge_disable_and_export(tmp_path):
 
         for _, m in lora_modules(ours):
             m.merge()
-        assert _rel_err(ours(ids), adapted) < 1e-5
+        assert _rel_err(ours(ids), adapted) < CROSS_PATH
         with pytest.raises(ValueError, match="merged"):
             with disable_lora(ours):
                 pass
         for _, m in lora_modules(ours):
             m.unmerge()
-        assert _rel_err(ours(ids), adapted) < 1e-5
+        assert _rel_err(ours(ids), adapted) < CROSS_PATH
 
         merge_lora(ours)
         assert not list(lora_modules(ours))
         assert all(type(ours.get_submodule(f"layers.0.mlp.{p}")) is nn.Linear for p in ("gate_proj", "down_proj"))
-        assert _rel_err(ours(ids), adapted) < 1e-5
+        assert _rel_err(ours(ids), adapted) < CROSS_PATH
     save_hf(ours, tmp_path / "merged")
     ref, info = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "merged", output_loading_info=True, attn_implementation="eager")
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     with torch.no_grad():
-        assert _rel_err(ref.eval()(ids).logits, adapted) < 1e-5
+        assert _rel_err(ref.eval()(ids).logits, adapted) < CROSS_PATH
 
 
 # ----------------------------------------------------------------------------- training
