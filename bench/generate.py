@@ -52,8 +52,9 @@ def sync(device):
 
 
 def timed(fn, device, baseline: int, own_bytes: int, repeats: int = 1):
-    """Median seconds of `repeats` calls, and peak GiB: own weights + what the calls allocated
-    above `baseline` (both models' weights)."""
+    """Median seconds of `repeats` calls, and peak GiB: own weights + the peak allocated above
+    `baseline`, the memory in use before this implementation allocated anything (both models'
+    weights, and whatever earlier rows keep: one implementation's row never counts another's)."""
     times, out = [], None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -218,7 +219,9 @@ def main():
     weight_bytes = sum(t.numel() * t.element_size() for t in ours.parameters())
     bandwidth = copy_bandwidth(device)
     free(device)
-    baseline = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+
+    def allocated():
+        return torch.cuda.memory_allocated() if device.type == "cuda" else 0
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, cfg.vocab_size, (max(batches), P), generator=gen).tolist()
 
@@ -239,6 +242,7 @@ def main():
     with torch.inference_mode():
         # ---- 1. ours at every batch size
         for b in batches:
+            baseline = allocated()  # before the engine's static cache, state and graphs
             engine = RolloutEngine(ours, b, P, N)
             t0 = time.perf_counter()
             engines[b] = engine
@@ -259,7 +263,7 @@ def main():
             budgets = torch.randint(min(32, N), N + 1, (b,), generator=torch.Generator().manual_seed(2)).tolist()
             for compact in (True, False):
                 out, seconds, _ = timed(lambda: engines[b].generate(prompts[:b], budgets, seed=3, compact=compact,
-                                                                    **sampling), device, baseline, 0, repeats=3)
+                                                                    **sampling), device, 0, 0, repeats=3)
                 assert [len(o) for o in out] == budgets
                 name = "ours, compaction" if compact else "ours, no compaction"
                 print(f"{name:34s} {b:5d} {sum(budgets) / seconds:10,.0f} {seconds:8.2f} {sum(budgets):8d}", flush=True)
@@ -289,6 +293,7 @@ def main():
                 print(f"# skipped transformers static cache at batch {b}: past --deadline_s")
                 continue
             try:
+                baseline = allocated()  # before its static cache and graph pool, kept after warm-up
                 t0 = time.perf_counter()
                 for _ in range(2):  # compiles, then records its CUDA graphs
                     run_hf(b, N, cache_implementation="static")
@@ -303,11 +308,13 @@ def main():
             free(device)
         for b in batches:
             run_hf(b, 8)
+            baseline = allocated()
             out, seconds, mem = timed(lambda: run_hf(b, N), device, baseline, weight_bytes)
             assert out.shape == (b, P + N)
             row("transformers, default cache", b, b * N, seconds, mem)
             free(device)
         b = 64 if 64 in batches else batches[0]
+        baseline = allocated()
         out, seconds, mem = timed(lambda: run_hf(b, N, do_sample=False), device, baseline, weight_bytes)
         row("transformers, default cache, greedy", b, b * N, seconds, mem)
 
@@ -315,13 +322,14 @@ def main():
         if args.lora and elapsed() < args.deadline_s:
             from model.lora import apply_lora
 
+            baseline = allocated()  # before the LoRA model (a copy of ours plus adapters): its own weights count
             lora = apply_lora(copy.deepcopy(ours), "all-linear", r=16, alpha=32)
             engine = RolloutEngine(lora, b, P, N)
             t0 = time.perf_counter()
             engine.generate(prompts[:b], 8, seed=0, **sampling)
             warmup = time.perf_counter() - t0
             out, seconds, mem = timed(lambda: engine.generate(prompts[:b], N, seed=1, **sampling), device, baseline,
-                                      weight_bytes, repeats=3)
+                                      0, repeats=3)
             row("ours + LoRA r=16 all-linear, unmerged", b, b * N, seconds, mem)
             print(f"#   warm-up (compile + capture): {warmup:.1f}s")
         elif args.lora:

@@ -283,15 +283,17 @@ def test_returned_logprobs_equal_teacher_forced_forward(stories):
                 assert len(lp) == len(new) == 20
                 expected = _teacher_logprobs(ours, prompt, new, temperature or 1.0, top_k)
                 torch.testing.assert_close(torch.tensor(lp, dtype=torch.float64), expected, rtol=0, atol=1e-4)
-    # At temperature 1 the engine's log-probs are what the training forward computes (fused head).
-    tokens, logprobs = engine.generate(prompts, 20, temperature=1.0, seed=1, return_logprobs=True)
-    for prompt, new, lp in zip(prompts, tokens, logprobs):
-        ids = torch.tensor([prompt + new])
-        targets = torch.full_like(ids, -100)
-        targets[0, len(prompt) - 1 : -1] = torch.tensor(new)
-        with torch.no_grad():
-            teacher = ours(ids, targets=targets, logprobs=True)[0, len(prompt) - 1 : -1]
-        torch.testing.assert_close(torch.tensor(lp), teacher, rtol=0, atol=1e-4)
+    # Without top-k / top-p they are what the training forward computes at the sampling temperature
+    # (the fused head, as GRPO's old-policy log-probs).
+    for temperature in (1.0, 0.7):
+        tokens, logprobs = engine.generate(prompts, 20, temperature=temperature, seed=1, return_logprobs=True)
+        for prompt, new, lp in zip(prompts, tokens, logprobs):
+            ids = torch.tensor([prompt + new])
+            targets = torch.full_like(ids, -100)
+            targets[0, len(prompt) - 1 : -1] = torch.tensor(new)
+            with torch.no_grad():
+                teacher = ours(ids, targets=targets, logprobs=True, temperature=temperature)[0, len(prompt) - 1 : -1]
+            torch.testing.assert_close(torch.tensor(lp), teacher, rtol=0, atol=1e-4)
 
 
 def test_engine_sampling_is_reproducible(stories):
