@@ -11,10 +11,15 @@ import json
 import os
 import pickle
 import re
+import socket
+import sys
+import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint.filesystem as dcp_fs
+import torch.multiprocessing as mp
 from torch import nn
 
 import checkpoints.io as ckpt_io
@@ -296,3 +301,44 @@ def test_convert_verifies_the_files(tmp_path):
     with pytest.raises(DamagedCheckpointError, match=re.escape(f"checkpoint {path} is damaged: __0_0.distcp has 200")):
         convert(path, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def _two_ranks(rank: int, port: int, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model, optimizer = trained()  # the same replica on both ranks
+        save_checkpoint(root, 1, model, optimizer, extra={"at": 1}, config={}, keep_last=0)
+        second = save_checkpoint(root, 2, model, optimizer, extra={"at": 2}, config={}, keep_last=0)
+        names = sorted(json.loads((second / "meta.json").read_text())["files"])
+        if rank == 0:  # a changed byte in a file that rank 1 checksums: rank 0 must learn of it too
+            assert names.index("__0_0.distcp") % 2 == 1, names
+            damage(second, "changed_data")
+        dist.barrier()
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            chosen = resume_path(root, "auto")
+        step, extra, _ = load_checkpoint(chosen, *trained(seed=4), verify=False)
+        with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
+            json.dump({"chosen": str(chosen), "step": step, "warned": [str(w.message) for w in warned]}, f)
+    finally:
+        dist.destroy_process_group()
+    # As in tests/test_checkpoint_io.py: skip an interpreter teardown that gloo sometimes aborts.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
+def test_ranks_share_the_checksums_and_agree_on_the_fallback(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_two_ranks, args=(port, str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["chosen"] for r in results] == [str(tmp_path / "step-00000001")] * 2
+    assert [r["step"] for r in results] == [1, 1]
+    assert len(results[0]["warned"]) == 1 and not results[1]["warned"]  # rank 0 warns, once
+    assert f"checkpoint {tmp_path / 'step-00000002'} is damaged: __0_0.distcp does not match the CRC-32" in (
+        results[0]["warned"][0])
