@@ -347,9 +347,15 @@ def _read_meta(path: Path) -> dict:
             if "shards" in read_json(meta_file):
                 hint = " (this is token data made by train/corpus.py, not a training checkpoint)"
         raise DamagedCheckpointError(f"checkpoint {path} cannot be loaded: {e}{hint}") from None
-    if not isinstance(meta["step"], int) or not isinstance(meta["extra"], dict) or not isinstance(meta["config"], dict):
+    files = meta.get("files", {})
+    well_formed = (isinstance(meta["step"], int) and isinstance(meta["extra"], dict)
+                   and isinstance(meta["config"], dict) and isinstance(files, dict)
+                   and all(isinstance(name, str) and "/" not in name and "\\" not in name and isinstance(f, dict)
+                           and isinstance(f.get("bytes"), int) and isinstance(f.get("crc32"), int)
+                           for name, f in files.items()))
+    if not well_formed:
         raise DamagedCheckpointError(f"checkpoint {path} cannot be loaded: {meta_file} has a malformed step, "
-                                     "extra or config")
+                                     "extra, config or file list")
     return meta
 
 
@@ -358,9 +364,9 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
 
     meta.json must parse and hold the step, config and extra; DCP's `.metadata` must unpickle with the
     restricted unpickler; every file meta.json lists must have its recorded size (checked by every rank)
-    and CRC-32 (rank r reads files r, r + world, ...); only a missing RNG file is allowed (`_load_rng`). Raises DamagedCheckpointError naming the checkpoint
-    and the file, on every rank. Checkpoints saved before meta.json listed its files get the first two
-    checks only. Call on every rank.
+    and CRC-32 (rank r reads files r, r + world, ...); only a missing RNG file is allowed (`_load_rng`
+    reseeds that rank). Raises DamagedCheckpointError naming the checkpoint and the file, on every rank.
+    Checkpoints saved before meta.json listed its files get the first two checks only. Call on every rank.
     """
     path = Path(path)
     error = None
@@ -370,7 +376,8 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
     except DamagedCheckpointError as e:
         error, meta = e, {}
     if _all_reduce([error is not None])[0]:  # the same files on every rank: normally all fail alike
-        raise error or DamagedCheckpointError(f"checkpoint {path} is damaged (see rank 0's error)")
+        raise error or DamagedCheckpointError(f"checkpoint {path} is damaged (another rank could not read its "
+                                              "meta.json or .metadata)")
 
     files = meta.get("files") or {}
     names = sorted(files)

@@ -3,6 +3,7 @@ corrupt .gz input are errors naming the file (and key, line or shard); preparing
 dataset already there: it is byte for byte intact after a failure, and replaced only when the new one is
 complete."""
 
+import errno
 import gzip
 import json
 import re
@@ -122,24 +123,34 @@ def test_prepare_refuses_a_folder_holding_other_files(tmp_path):
     assert snapshot(out) == {"notes.txt": b"mine"}
 
 
-def test_a_prepare_killed_mid_swap_gets_the_old_dataset_back(tmp_path, monkeypatch):
+def test_a_prepare_killed_mid_swap_gets_the_old_dataset_back(tmp_path):
     out, _ = make_dataset(tmp_path)
     before = snapshot(out)
-    src = jsonl(tmp_path / "src.jsonl", ["another corpus"] * 40)
-    real_replace = corpus.os.replace
-
-    def killed_after_first_rename(a, b):
-        real_replace(a, b)
-        if str(b).endswith(".data.old"):
-            raise KeyboardInterrupt  # the process dies between the two renames
-
-    monkeypatch.setattr(corpus.os, "replace", killed_after_first_rename)
-    with pytest.raises(KeyboardInterrupt):
-        prepare([src], out, vocab_size=300, workers=1, progress=False)
-    monkeypatch.undo()
+    # What a kill between the swap's two renames leaves: the old dataset moved aside, the new one beside it.
+    out.rename(tmp_path / ".data.old")
+    (tmp_path / ".data.tmp").mkdir()
     with pytest.raises(FileNotFoundError, match=re.escape(f"the previous dataset is in {tmp_path / '.data.old'}")):
         load_meta(out)
     bad = jsonl(tmp_path / "bad.jsonl", [])
     with pytest.raises(ValueError, match="no documents"):  # the next prepare first puts it back, then fails
         prepare([bad], out, vocab_size=300, workers=1, progress=False)
     assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_failed_swap_puts_the_old_dataset_back(tmp_path, monkeypatch):
+    out, _ = make_dataset(tmp_path)
+    before = snapshot(out)
+    real_replace = corpus.os.replace
+
+    def second_rename_fails(a, b):
+        if str(a).endswith(".data.tmp"):
+            raise OSError(errno.EXDEV, "simulated failure of the second rename")
+        real_replace(a, b)
+
+    monkeypatch.setattr(corpus.os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="simulated"):
+        prepare([jsonl(tmp_path / "src.jsonl", ["another corpus"] * 40)], out, vocab_size=300, workers=1,
+                progress=False)
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

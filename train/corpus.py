@@ -372,13 +372,15 @@ def prepare(inputs, out_dir, tokenizer_dir=None, text_field="text", val_fraction
             os.replace(out_dir, old)
         os.replace(work, out_dir)
     except BaseException:
+        if not out_dir.exists() and old.exists():
+            os.replace(old, out_dir)  # failed between the two renames: the previous dataset stays
         shutil.rmtree(work, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
     return meta
 
 
-# The names a dataset folder holds; prepare replaces a folder holding anything else only after asking.
+# The names a dataset folder holds; prepare refuses to replace a folder holding anything else.
 _DATASET_NAME = re.compile(r"^(meta\.json|(train|val)_\d{5}\.bin|tokenizer)(\.tmp)?$")
 
 
