@@ -199,6 +199,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--vocab_size", type=int, default=None, help="override the preset's (CPU smoke runs of tiny shapes)")
     p.add_argument("--only", choices=["ours", "trl"], default=None)
+    p.add_argument("--rows", default=None, help="comma-separated row numbers of ROWS to run (default: all)")
     p.add_argument("--worker", nargs=3, metavar=("MODE", "REFERENCE", "DATA"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -214,8 +215,9 @@ def main() -> None:
     header = f"| {'run':30s} | s/step | tokens/s | MFU | peak GiB | precompute s |"
     print(header + "\n|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|", flush=True)
     results = {}
-    for name, mode, reference in ROWS:
-        if args.only and mode != args.only:
+    picked = None if args.rows is None else {int(i) for i in args.rows.split(",")}
+    for i, (name, mode, reference) in enumerate(ROWS):
+        if (args.only and mode != args.only) or (picked is not None and i not in picked):
             continue
         cmd = [sys.executable, __file__, "--worker", mode, reference, str(data), "--model", args.model,
                "--pairs", str(args.pairs), "--max_len", str(args.max_len), "--steps", str(args.steps),
