@@ -747,7 +747,8 @@ def resume_path(out_dir: str | os.PathLike, resume: str) -> Path | None:
             damaged.append(str(e))
             continue
         if damaged and _rank() == 0:
-            warnings.warn("\n".join(damaged) + f"\nresuming from the newest checkpoint that loads, {path}", stacklevel=2)
+            warnings.warn("\n".join(damaged) + f"\nresuming from the newest checkpoint that loads, {path}",
+                          stacklevel=2)
         return path
     if damaged:
         raise DamagedCheckpointError(

@@ -41,7 +41,8 @@ def make_dataset(tmp_path, name="data"):
 
 @pytest.mark.parametrize("content, message", [
     ("", "meta.json: empty file"),
-    ('{"format_version": 1,\n "dtype": "uint16", "shards": {"train": [', r"meta.json: invalid JSON at line 2, column \d+"),
+    ('{"format_version": 1,\n "dtype": "uint16", "shards": {"train": [',
+     r"meta.json: invalid JSON at line 2, column \d+"),
     ('{"format_version": 1, "dtype": "uint16", "vocab_size": 300}', "meta.json: missing key 'shards'"),
     ('{"format_version": 1, "dtype": "int8", "vocab_size": 300, "shards": {}}', "meta.json: dtype 'int8'"),
     ('{"format_version": 1, "dtype": "uint16", "vocab_size": 300, "shards": {"train": [{"file": "x.bin"}]}}',

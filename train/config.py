@@ -282,7 +282,8 @@ FIELD_BOUNDS: dict[str, Bound] = {
     "clip_low": BELOW_1, "clip_high": AT_LEAST_0,  # the ratio is clipped to [1 - clip_low, 1 + clip_high]
     "reward_weights": AT_LEAST_0,
     # fractions
-    "min_lr_ratio": UNIT, "betas": BELOW_1, "val_fraction": BELOW_1, "dropout": BELOW_1, "top_p": Bound(0, 1, lo_open=True),
+    "min_lr_ratio": UNIT, "betas": BELOW_1, "val_fraction": BELOW_1, "dropout": BELOW_1,
+    "top_p": Bound(0, 1, lo_open=True),
     "label_smoothing": Bound(0, 0.5, hi_open=True),  # robust DPO divides by 1 - 2 * label_smoothing
 }
 
@@ -316,8 +317,10 @@ def _check_fields(obj, prefix: str):
             except (RuntimeError, ValueError):
                 yield key, value, "is not a device (auto, cpu, cuda, cuda:N, ...)"
         else:
-            numbers = [(key, value)] if _is_number(value) else [
-                (f"{key}[{i}]", v) for i, v in enumerate(value) if _is_number(v)] if isinstance(value, (list, tuple)) else []
+            if isinstance(value, (list, tuple)):  # betas, reward weights: each element
+                numbers = [(f"{key}[{i}]", v) for i, v in enumerate(value) if _is_number(v)]
+            else:
+                numbers = [(key, value)] if _is_number(value) else []
             bound = _bound(key)
             for k, v in numbers:
                 if not math.isfinite(v):

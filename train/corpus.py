@@ -507,7 +507,8 @@ def load_meta(data_dir):
         for i, shard in enumerate(shards):
             if not (isinstance(shard, dict) and isinstance(shard.get("file"), str)
                     and isinstance(shard.get("tokens"), int) and shard["tokens"] >= 0):
-                raise ValueError(f"{meta_file}: shards.{split}[{i}] needs a file name and a token count, found {shard!r}")
+                raise ValueError(f"{meta_file}: shards.{split}[{i}] needs a file name and a token count, "
+                                 f"found {shard!r}")
             path = data_dir / shard["file"]
             expected = shard["tokens"] * itemsize
             if not path.is_file():
