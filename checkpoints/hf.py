@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from checkpoints.download import resolve_checkpoint
 from model.config import ModelConfig
+from model.files import read_json
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
 
@@ -223,16 +224,6 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 
 # ----------------------------------------------------------------------------- locating files
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
 
 
 def weight_files(ckpt_dir: Path) -> list[Path]:

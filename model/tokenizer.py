@@ -15,6 +15,8 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+from model.files import read_json
+
 # ChatML, as used by Qwen and SmolLM. Only used when asked for (`default_chat_template="chatml"`), since a
 # template the model was not trained with silently degrades it.
 CHATML_TEMPLATE = (
@@ -29,13 +31,6 @@ _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad
 # Everything transformers, vLLM or SentencePiece users may look for beside a model.
 _FILES_TO_SAVE = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                   "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
 
 
 def _token_content(value) -> str | None:
@@ -140,17 +135,17 @@ class Tokenizer:
         try:
             tok = _HFTokenizer.from_file(str(tok_file))
         except Exception as e:
-            _read_json(tok_file)  # names the line if the file is not JSON at all
+            read_json(tok_file)  # names the line if the file is not JSON at all
             raise ValueError(f"{tok_file}: could not load the tokenizer: {e}") from None
 
         config = {}
         if (path / "special_tokens_map.json").is_file():  # older saves keep the special tokens here
-            config.update(_read_json(path / "special_tokens_map.json"))
+            config.update(read_json(path / "special_tokens_map.json"))
         if (path / "tokenizer_config.json").is_file():
-            config.update(_read_json(path / "tokenizer_config.json"))
+            config.update(read_json(path / "tokenizer_config.json"))
         generation_config = {}
         if (path / "generation_config.json").is_file():
-            generation_config = _read_json(path / "generation_config.json")
+            generation_config = read_json(path / "generation_config.json")
 
         # Newer transformers saves the template in its own file, which wins over the config entry.
         template = config.get("chat_template")

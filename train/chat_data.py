@@ -45,6 +45,7 @@ import jinja2
 import numpy as np
 
 from algos.logprobs import IGNORE_INDEX
+from model.files import read_json
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 ROLES = ("system", "user", "assistant")
@@ -116,12 +117,7 @@ def _iter_jsonl(path):
 
 
 def _iter_json(path):
-    try:
-        rows = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    rows = read_json(path)  # names the file, line and column of invalid JSON or UTF-8
     if not isinstance(rows, list):
         raise ValueError(f"{path}: a .json chat file must hold one list of rows, found a {type(rows).__name__} "
                          f"(use .jsonl for one row per line)")

@@ -44,7 +44,10 @@ def setup_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistIn
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device: {device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(

@@ -41,6 +41,7 @@ from checkpoints.io import save_checkpoint
 from checkpoints.peft import export_lora
 from algos.dpo import dpo_loss, orpo_loss, simpo_loss
 from algos.logprobs import IGNORE_INDEX
+from model.files import read_json
 from model.gpt import GPT
 from model.lora import apply_lora, disable_lora, freeze_base, init_lora_weights
 from model.tokenizer import Tokenizer
@@ -410,7 +411,10 @@ def precomputed_logps(path: Path, fingerprint: str, model, data: ChatBatches, di
     it was made for the same fingerprint; otherwise one pass of the (still untrained) model over the
     pairs, each rank scoring its share, then written there by rank 0."""
     if path.is_file():
-        saved = json.loads(path.read_text())
+        try:
+            saved = read_json(path)
+        except ValueError:  # a damaged file is stale: computed again below
+            saved = {}
         if saved.get("fingerprint") == fingerprint:
             logger.print(f"reference log-probs read from {path}")
             return torch.tensor(saved["logps"], dtype=torch.float32)

@@ -137,8 +137,9 @@ def main(cfg: PretrainConfig) -> dict:
     if seq_len > mcfg.max_seq_len:
         raise ValueError(f"data.seq_len {seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
     train_data = TokenWindows(data_dir, "train", seq_len, cfg.micro_batch, dist.rank, dist.world_size, cfg.seed,
-                              pin_memory=dist.device.type == "cuda")
-    val_data = TokenWindows(data_dir, "val", seq_len, cfg.micro_batch, dist.rank, dist.world_size, cfg.seed)
+                              pin_memory=dist.device.type == "cuda", vocab_size=mcfg.vocab_size)
+    val_data = TokenWindows(data_dir, "val", seq_len, cfg.micro_batch, dist.rank, dist.world_size, cfg.seed,
+                            vocab_size=mcfg.vocab_size)
     steps = cfg.steps
     tokenizer_dir = ckpt_dir or meta.get("tokenizer")
 
