@@ -43,10 +43,11 @@ memory-bandwidth limit inside the training process (no second inference server, 
   column, where compaction keeps one write column for all rows and one fixed-shape step per bucket.
 - Log-probs (`return_logprobs`) are those of each sampled token under the distribution it was drawn
   from: softmax(logits / temperature), restricted to the top-k / top-p set and renormalised when
-  those filters are on, computed in float32 from the step's logits. Without the filters that is exactly what a teacher-forced forward gives (`model(ids, targets=t,
-  logprobs=True, temperature=temperature)`). Greedy
-  (temperature 0) reports the unscaled, unfiltered log-probability. GRPO's old-policy log-probs
-  should come from sampling without top-k / top-p, or the trainer must apply the same filter.
+  those filters are on, computed in float32 from the step's logits. Without the filters that is
+  exactly what a teacher-forced forward gives (`model(ids, targets=t, logprobs=True,
+  temperature=temperature)`). Greedy (temperature 0) reports the unscaled, unfiltered
+  log-probability. GRPO's old-policy log-probs should come from sampling without top-k / top-p,
+  or the trainer must apply the same filter.
 - FSDP2: each rank generates for its own prompts with the full weights gathered once per call
   (`full_weights`), not once per layer per token; the step then runs eager (the all-gathered
   weights are freed and re-allocated at other addresses between rollouts, and FSDP's hooks are not
