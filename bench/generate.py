@@ -170,7 +170,6 @@ def decode_step_profile(ours, engine, b, P, N, weight_bytes, bandwidth):
              "compiled + CUDA graph": per_step(lambda: engine._graphs[key].replay(), 100)}
     print(f"\n# one decode step at batch {b} (ms; bound {weight_bytes / bandwidth * 1e3:.2f} ms): " +
           ", ".join(f"{k} {v:.3f} ({b / v * 1e3:,.0f} tok/s)" for k, v in steps.items()))
-    del eager
     attention_backends(ours.config, engine.max_len, [b, 4 * b], bandwidth)
     engine._pos.zero_(), engine._step.zero_()
     from torch.profiler import ProfilerActivity, profile
