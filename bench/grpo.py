@@ -158,7 +158,7 @@ def main() -> None:
                "--prompts", str(args.prompts), "--G", str(args.G), "--micro_batch", str(args.micro_batch),
                "--prompt_tokens", str(args.prompt_tokens), "--completion_tokens", str(args.completion_tokens),
                "--steps", str(args.steps), *(["--vocab_size", str(args.vocab_size)] if args.vocab_size else [])]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))))
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:  # a failing row does not end the table
             why = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
