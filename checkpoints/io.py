@@ -583,8 +583,11 @@ def save_checkpoint(
         _fault("after_state_write")
         _save_rng(tmp, rank)
         _fault("after_rng_write")
-        names = sorted({info.relative_path for info in written.storage_data.values()} | {".metadata"}
-                       | {f"rng_rank{r}.safetensors" for r in range(_world_size())})
+        if written.storage_data:
+            data_files = {info.relative_path for info in written.storage_data.values()}
+        else:  # torch 2.11's dcp.save returns no storage_data; once it returns, every rank's shard is written
+            data_files = {p.name for p in tmp.iterdir() if p.suffix == ".distcp"}
+        names = sorted(data_files | {".metadata"} | {f"rng_rank{r}.safetensors" for r in range(_world_size())})
     except BaseException as e:
         error = e
     _abort_if(_agree(error, tmp, needed), final, tmp, error, needed)
