@@ -644,6 +644,8 @@ def memory_plan(r: Recipe) -> Plan:
     phases = {"forward end": forward, "backward start": backward, "backward end": end}
     if comp["reference pass"] and r.kv_cache is None:  # DPO: after the policy's forward
         phases["reference pass"] = alive("weight copies", "activations", "head saved", "reference pass")
+        if r.checkpointing and r.shard == 1:  # the policy's autocast cache ended with its forward
+            phases["reference pass"]["weight copies"] = 0
     elif comp["reference pass"]:  # GRPO: in the rollout phase, no training activations yet
         phases["reference pass"] = alive("reference pass")
     phases["optimizer step"] = alive("gradients")
