@@ -122,11 +122,6 @@ class KVCache:
         end = self.pos + t
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def select(self, batch_index: Tensor) -> None:
-        """Keep only some rows (finished sequences dropped from the batch)."""
-        self.k = [k[batch_index] for k in self.k]
-        self.v = [v[batch_index] for v in self.v]
-
     def rows(self, start: int, stop: int) -> "KVCache":
         """A cache over rows [start, stop) sharing this one's memory, with pos 0."""
         view = object.__new__(KVCache)
