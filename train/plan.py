@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -520,19 +519,22 @@ def reference_bytes(r: Recipe, table: list[Param]) -> int:
 
 
 def reference_pass_bytes(r: Recipe) -> int:
-    """Transient of the reference's forward (no grad), which runs while the policy's activations are
-    alive (DPO): its log-prob head's chunk, its hidden states, and one block's largest working set
-    (stream, norm output, gate, up and their product)."""
+    """Transient of the reference's forward (no grad; DPO runs it while the policy's activations are
+    alive): the larger of its log-prob head (the hidden states, the output weight in the compute
+    dtype, one chunk's logits: the matmul's output and its float32 copy beside the previous chunk's,
+    or the logits and logsumexp's float32 exp) and one block's largest working set (the stream, the
+    norm output, gate, up and their product)."""
     if r.reference not in ("copy", "adapters_off"):
         return 0
     cfg, c, s = r.model, compute_bytes(r), stream_bytes(r)
-    ref = dataclasses.replace(r, head="logprobs")
     C, V = cfg.hidden_size, cfg.vocab_size
-    A = chunk_tokens(ref) * V
-    head = max((c + 4 if c != 4 else 4) * A + (4 * A if r.tokens > chunk_tokens(ref) else 0), 8 * A)
+    A = chunk_tokens(r) * V
+    previous = 4 * A if r.tokens > chunk_tokens(r) else 0
+    logits = max((c + 4 if c != 4 else 4) * A + previous, 8 * A)
+    w_copy = V * C * c if output_weight_bytes(r) != V * C * c else 0
+    head = r.tokens * C * s + w_copy + logits
     block = r.tokens * (2 * s * C + 3 * c * cfg.intermediate_size)
-    hidden = r.tokens * C * s
-    return max(head + hidden + (V * C * c if output_weight_bytes(r) != V * C * c else 0), block)
+    return max(head, block)
 
 
 def kv_cache_bytes(batch: int, length: int, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
@@ -726,7 +728,6 @@ def step_time(r: Recipe, world: int, replicate: int, micro_batches: int, cluster
     table = parameter_table(r)
     c, S = compute_bytes(r), world // replicate
     gpn = cluster.gpus_per_node
-    numel = sum(p.numel for p in table)
     trainable = sum(p.numel for p in table if p.trainable)
     gathered = sum(p.nbytes if (p.nf4 or c == 4) else p.numel * c for p in table)
     units = r.model.num_layers + 1  # FSDP2 units: every block and the root
@@ -753,9 +754,9 @@ def step_time(r: Recipe, world: int, replicate: int, micro_batches: int, cluster
         "step_s": step,
         "tokens_per_s_gpu": tokens / step,
         "mfu": r.model.flops_per_token(r.seq_len) * tokens / step / (cluster.peak_tflops * 1e12),
-        "bound": "compute" if compute >= comm else ("NVLink" if shard_inside and not replicate_comm else "network"),
+        "bound": "compute" if compute >= comm else ("NVLink" if shard_inside and shard_comm > replicate_comm
+                                                   else "network"),
         "hiding_tokens": comm / (train_flops_per_token(r) / (cluster.peak_tflops * 1e12 * cluster.mfu)),
-        "numel": numel,
     }
 
 
@@ -902,7 +903,7 @@ def describe(run: Run, world: int) -> str:
         targets = "all-linear" if adapted(r) == set(LORA_TARGETS) else ",".join(sorted(adapted(r)))
         weights = f"LoRA r={r.lora.r} on {targets}, {base} frozen base, {r.compute} compute"
     what = "pairs (2 rows each)" if run.loop == "dpo" else ("completions" if run.loop == "grpo" else "sequences")
-    layout = "1 process (autocast)" if r.shard == 1 and world == 1 else (
+    layout = ("1 process" + (" (bf16 autocast)" if uses_autocast(r) else "")) if r.shard == 1 else (
         f"FSDP2 over {r.shard} GPUs" + (f" x {run.replicate} replicas (HSDP)" if run.replicate > 1 else ""))
     steps = run.global_rows // max(1, run.micro_batch * world)
     lines = [
@@ -950,7 +951,7 @@ def memory_table(run: Run, world: int, capacity: int, gpu_gib: float) -> str:
         out.append(f"{label:52s} {cells[0]:>17s} {cells[1]:>14s}")
     out.append(f"{'peak':52s} {gib(plans[False].peak):>17s} {gib(plans[True].peak):>14s}")
     out.append(f"{'  reached at':52s} {plans[False].peak_phase:>17s} {plans[True].peak_phase:>14s}")
-    unit = "pairs" if run.loop == "dpo" else "sequences"
+    unit = {"dpo": "pairs", "grpo": "completions"}.get(run.loop, "sequences")
     shown = [f"{n}+" if n >= FIT_LIMIT else str(n) for n in (fits[False], fits[True])]
     out.append(f"{'largest micro-batch (' + unit + f') in {capacity / GiB:.0f} of {gpu_gib:g} GiB':52s} "
                f"{shown[0]:>17s} {shown[1]:>14s}")
@@ -1036,7 +1037,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"step time (a prediction: {cluster.peak_tflops:g} TFLOP/s at {100 * cluster.mfu:.0f}% MFU, NVLink "
               f"{cluster.nvlink_gbs:g} GB/s, network {cluster.network_gbs:g} GB/s per GPU; collectives overlap compute; "
               f"'hides at': tokens per micro-batch per GPU from which compute hides communication; "
-              f"'!': does not fit)")
+              f"'!': does not fit" + ("; GRPO: training passes only, not the rollouts" if loop == "grpo" else "") + ")")
         print(step_table(run, args.world_size, args.nodes, cluster, capacity))
 
 
