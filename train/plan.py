@@ -999,7 +999,8 @@ def step_table(run: Run, worlds: list[int], nodes: int | None, cluster: Cluster,
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(
-        prog="python -m train.plan", description=__doc__.splitlines()[0],
+        prog="python -m train.plan",
+        description="Will it fit? Peak GPU memory per component, and FSDP2/HSDP step time, predicted from a loop's config.",
         epilog="Every other flag is the loop's own (--config FILE, --micro_batch 4, --parallel.compile true, "
                "--model.preset llama-3.1-8b, ...): see python -m train.<loop> --help.")
     p.add_argument("--loop", choices=sorted(LOOPS), help="default: the config's folder name (configs/<loop>/x.yaml)")
@@ -1009,9 +1010,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--world_size", type=int, nargs="+", default=[1], help="GPUs in all; several values: a table")
     p.add_argument("--nodes", type=int, default=None, help="nodes (default: world_size / gpus_per_node)")
     cluster = Cluster()
-    for f in dataclasses.fields(Cluster):
-        if f.name != "hop_latency_us":
-            p.add_argument(f"--{f.name}", type=type(getattr(cluster, f.name)), default=getattr(cluster, f.name))
+    helps = {"gpus_per_node": "GPUs per node", "peak_tflops": "dense bf16 TFLOP/s of one GPU (H100/H200: 989)",
+             "mfu": "share of the peak the matmuls reach", "nvlink_gbs": "achieved GB/s per GPU within a node",
+             "network_gbs": "achieved GB/s per GPU between nodes", "hbm_gbs": "GPU memory GB/s (H200: 4800)"}
+    for name, text in helps.items():
+        default = getattr(cluster, name)
+        p.add_argument(f"--{name}", type=type(default), default=default, help=f"{text} (default {default})")
     args, rest = p.parse_known_args(argv)
     loop = args.loop
     if loop is None:
