@@ -61,6 +61,7 @@ def test_response_logprobs_equal_log_softmax_of_full_logits_in_value_and_gradien
     batch = _batch(pairs)
     model = load_hf(BASE)
     ref = load_hf(BASE)
+    torch.manual_seed(0)
     with torch.no_grad():  # make the policy differ from the reference
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -82,8 +83,11 @@ def test_response_logprobs_equal_log_softmax_of_full_logits_in_value_and_gradien
     expected = torch.where(targets != IGNORE_INDEX, token, 0.0).sum(-1)
     loss_of(expected, ref_logps.double()).backward()
     torch.testing.assert_close(ours.double(), expected.detach(), rtol=1e-5, atol=1e-4)
+    # float32 chunked vs float64: measured within 1e-5 of each tensor's largest gradient; 1e-4 of it
+    # leaves 10x room, while near-zero elements make any purely relative bound flaky.
     for n, p in model.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-3, atol=1e-6, msg=n)
+        torch.testing.assert_close(got[n].double(), p.grad.double(), rtol=0, atol=1e-4 * p.grad.abs().max().item(),
+                                   msg=n)
 
 
 def test_adapters_off_reference_equals_a_separately_loaded_base(pairs):
