@@ -253,8 +253,9 @@ def test_micro_batch_sums_equal_one_shot_loss(loss_type, ratio):
         part = AGGREGATIONS[loss_type](tok, mask[a:b, :width]) / normaliser.clamp(min=1.0)
         part.backward()
         total = total + part.detach()
-    torch.testing.assert_close(total, one_shot.detach(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(y.grad, x.grad, rtol=1e-5, atol=1e-8)
+    # Two float32 summation orders of the same terms: a few ulps apart, so 1e-5 (not 1 ulp) is the bound.
+    torch.testing.assert_close(total, one_shot.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.grad, x.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_all_masked_batch_is_zero_and_beta_zero_needs_no_reference():
@@ -329,8 +330,8 @@ def test_matches_trl_grpo_loss(loss_type, level):
     got = grpo_loss(y, old, adv, mask, ref_logps=ref, beta=0.04, clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
                     ratio=level, loss_type=loss_type, max_completion_len=11)
     got.backward()
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(y.grad, x.grad, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # two implementations' float32 summation orders
+    torch.testing.assert_close(y.grad, x.grad, rtol=1e-5, atol=1e-7)
     assert mean_kl(logps, ref, mask).item() == pytest.approx(metrics["kl"][0], rel=1e-5)
     if level == "token":  # TRL averages sequence-level clip flags over sequences, ours over tokens
         low, high = clip_fractions(logps - old, adv, mask, CLIP_LOW, CLIP_HIGH)

