@@ -10,6 +10,8 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent / "assets" / "synthetic"
 NAMES = ["Lily", "Tom", "Ben", "Sue", "Max", "Anna", "Tim", "Mia", "Sam", "Lucy", "Jack", "Zoe", "Kate", "Bob"]
 THINGS = ["ball", "dog", "cat", "toy", "car", "tree", "bird", "cake", "box", "hat", "fish", "boat", "frog", "kite"]
+ARITHMETIC_FILES = ("arithmetic_prompts.jsonl", "arithmetic_val.jsonl", "arithmetic_chats.jsonl",
+                    "arithmetic_pretrain.jsonl")  # what arithmetic() returns, in order
 
 
 def preference_pairs(n_train: int = 160, n_val: int = 40, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -26,12 +28,22 @@ def preference_pairs(n_train: int = 160, n_val: int = 40, seed: int = 0) -> tupl
     return rows[:n_train], rows[n_train:]
 
 
-def arithmetic(n_train: int = 600, n_val: int = 100, seed: int = 0, high: int = 30):
-    """Addition problems a + b with 0 <= a, b < high: prompt rows {"prompt", "answer"} for GRPO,
-    chats whose answer ends in \\boxed{a + b} for SFT, and plain text lines "a + b = c" for
-    pretraining. The prompts and chats of train and validation use disjoint (a, b) pairs; the
-    pretraining text holds every pair, as a real model's pretraining holds the arithmetic that
-    fine-tuning and RL then teach it to state in a checkable form."""
+def arithmetic(n_train: int = 300, n_val: int = 100, seed: int = 0, high: int = 20, direct_share: float = 0.7):
+    """Addition problems a + b with 0 <= a, b < high, for the tiny R1 (README: "From pretraining to
+    R1 on a laptop"). Returns
+      prompts, val_prompts: rows {"prompt": "What is a + b?", "answer": "a + b"} for GRPO, on
+        disjoint (a, b) pairs, so validation measures what transfers, not memory of the pairs;
+      chats: the training pairs as {"prompt", "completion"} for SFT. A share `direct_share` of them
+        states the answer at once ("The answer is \\boxed{c}."), the rest work it out first
+        ("Adding: a + b = c. The answer is \\boxed{c}."): the SFT model imitates both, and the direct form
+        is mostly wrong on new pairs, which leaves GRPO a behaviour to discover (write the sum first);
+      documents: pretraining rows {"text"}, every pair (validation pairs too, as a real model's
+        pretraining holds the arithmetic that fine-tuning then teaches it to state in a checkable
+        form) six times, alternately as a fact "a + b = c" and as a worked answer in the chat
+        form of configs/sft/arithmetic.yaml. The worked form opens with a word, not with the number
+        a, so choosing to work (one token) and copying a (the next) are separate decisions. One document per row, so each ends with the
+        end-of-text token that also ends an assistant turn.
+    """
     pairs = list(itertools.product(range(high), range(high)))
     random.Random(seed).shuffle(pairs)
     train, val = pairs[:n_train], pairs[n_train:n_train + n_val]
@@ -39,17 +51,20 @@ def arithmetic(n_train: int = 600, n_val: int = 100, seed: int = 0, high: int = 
     def prompt(a, b):
         return f"What is {a} + {b}?"
 
-    def solution(a, b):
-        return f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."
+    def worked(a, b):
+        return f"Adding: {a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."
 
     prompts = [{"prompt": prompt(a, b), "answer": str(a + b)} for a, b in train]
     val_prompts = [{"prompt": prompt(a, b), "answer": str(a + b)} for a, b in val]
-    chats = [{"prompt": prompt(a, b), "completion": solution(a, b)} for a, b in train]
-    everything = pairs * 3
+    rng = random.Random(seed + 2)
+    chats = [{"prompt": prompt(a, b),
+              "completion": f"The answer is \\boxed{{{a + b}}}." if rng.random() < direct_share else worked(a, b)}
+             for a, b in train]
+    everything = pairs * 6
     random.Random(seed + 1).shuffle(everything)
-    text = "".join(f"What is {a} + {b}? {a} + {b} = {a + b}.\n" if i % 2 else f"{a} + {b} = {a + b}\n"
-                   for i, (a, b) in enumerate(everything))
-    return prompts, val_prompts, chats, text
+    documents = [{"text": f"user: {prompt(a, b)}\nassistant: {worked(a, b)}" if i % 2 else f"{a} + {b} = {a + b}"}
+                 for i, (a, b) in enumerate(everything)]
+    return prompts, val_prompts, chats, documents
 
 
 def write_assets() -> None:
@@ -57,11 +72,8 @@ def write_assets() -> None:
     train, val = preference_pairs()
     for name, rows in (("preference_train.jsonl", train), ("preference_val.jsonl", val)):
         (ASSETS / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prompts, val_prompts, chats, text = arithmetic()
-    for name, rows in (("arithmetic_prompts.jsonl", prompts), ("arithmetic_val.jsonl", val_prompts),
-                       ("arithmetic_chats.jsonl", chats)):
+    for name, rows in zip(ARITHMETIC_FILES, arithmetic()):
         (ASSETS / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (ASSETS / "arithmetic.txt").write_text(text)
 
 
 if __name__ == "__main__":
