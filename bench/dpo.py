@@ -4,7 +4,10 @@
     python bench/dpo.py --only ours --steps 8    # just our rows
 
 Each row runs in a fresh process: our loop through `train.dpo.main` (its real data pipeline, chat
-template, metrics), TRL's `DPOTrainer` through `trainer.train()`. Both train a randomly initialised model
+template, metrics), TRL's `DPOTrainer` through `trainer.train()`. TRL 1.16 checkpoints activations (gradient_checkpointing) by
+default; "ckpt" rows of ours turn on `parallel.activation_checkpointing`, "no ckpt" rows of TRL turn
+its off, so each comparison pairs the same memory policy. Ours shares each pair's prompt between
+its two responses (`dpo.share_prompt`, the default; "2B rows" turns it off). Both train a randomly initialised model
 of the preset's shape in bf16 autocast over fp32 master weights, on the same rows of text cut from
 tiny Shakespeare and tokenized with the GPT-2 tokenizer shipped in tests/assets. Rows:
 
@@ -37,14 +40,21 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-ROWS = [  # (name, mode, reference)
-    ("ours full, ref copy", "ours", "copy"),
-    ("TRL full, ref copy", "trl", "copy"),
-    ("ours full, precomputed ref", "ours", "precomputed"),
-    ("TRL full, precomputed ref", "trl", "precomputed"),
-    ("ours LoRA r=16, adapters off", "ours", "lora"),
-    ("TRL LoRA r=16 (PEFT)", "trl", "lora"),
+ROWS = [  # (name, mode, reference, checkpointing: ours activation checkpointing / TRL gradient checkpointing)
+    ("ours full, ref copy", "ours", "copy", False),
+    ("TRL full, ref copy", "trl", "copy", True),
+    ("ours full, precomputed ref", "ours", "precomputed", False),
+    ("TRL full, precomputed ref", "trl", "precomputed", True),
+    ("ours LoRA r=16, adapters off", "ours", "lora", False),
+    ("TRL LoRA r=16 (PEFT)", "trl", "lora", True),
+    ("ours full, ref copy, ckpt", "ours", "copy", True),
+    ("ours full, precomputed, ckpt", "ours", "precomputed", True),
+    ("TRL full, ref copy, no ckpt", "trl", "copy", False),
+    ("TRL full, precomputed, no ckpt", "trl", "precomputed", False),
+    ("ours full, ref copy, 2B rows", "ours", "copy-unshared", False),
 ]
+# Pairs compared in the summary: (ours, TRL) with the same reference and the same checkpointing.
+COMPARE = [(6, 1), (7, 3), (4, 5), (0, 8), (2, 9)]
 PEAK_FLOPS = 989e12
 
 
@@ -87,7 +97,7 @@ def make_data(out: Path, pairs: int, prompt_tokens: int, response_tokens: int) -
     return out
 
 
-def run_ours(args, data: Path, reference: str) -> dict:
+def run_ours(args, data: Path, reference: str, ckpt: bool) -> dict:
     from train import dpo
     from train.config import parse_config
 
@@ -100,8 +110,11 @@ def run_ours(args, data: Path, reference: str) -> dict:
             "--checkpoint.export_hf", "false", "--log.every", "1",
             "--parallel.compile", str(torch.cuda.is_available()).lower(),
             "--optim.lr", "5e-7"]
+    argv += ["--parallel.activation_checkpointing", str(ckpt).lower()]
     if reference == "lora":
         argv += ["--lora.r", "16", "--lora.alpha", "32", "--dpo.reference", "adapters_off", "--optim.lr", "5e-6"]
+    elif reference == "copy-unshared":
+        argv += ["--dpo.reference", "copy", "--dpo.share_prompt", "false"]
     else:
         argv += ["--dpo.reference", reference]
     precompute = {}
@@ -133,7 +146,7 @@ def run_ours(args, data: Path, reference: str) -> dict:
             "precompute_s": precompute.get("s"), "flops_per_token": mcfg.flops_per_token(args.max_len)}
 
 
-def run_trl(args, data: Path, reference: str) -> dict:
+def run_trl(args, data: Path, reference: str, ckpt: bool) -> dict:
     import datasets
     import transformers
     from trl import DPOConfig, DPOTrainer
@@ -153,7 +166,7 @@ def run_trl(args, data: Path, reference: str) -> dict:
                        max_steps=args.steps, learning_rate=5e-7, bf16=torch.cuda.is_available(),
                        use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no",
                        report_to=[], max_length=args.max_len, precompute_ref_log_probs=reference == "precomputed",
-                       dataloader_num_workers=0)
+                       dataloader_num_workers=0, gradient_checkpointing=ckpt)
     peft_config = None
     if reference == "lora":
         import peft
@@ -200,11 +213,11 @@ def main() -> None:
     p.add_argument("--vocab_size", type=int, default=None, help="override the preset's (CPU smoke runs of tiny shapes)")
     p.add_argument("--only", choices=["ours", "trl"], default=None)
     p.add_argument("--rows", default=None, help="comma-separated row numbers of ROWS to run (default: all)")
-    p.add_argument("--worker", nargs=3, metavar=("MODE", "REFERENCE", "DATA"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=4, metavar=("MODE", "REFERENCE", "CKPT", "DATA"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        mode, reference, data = args.worker
-        result = (run_ours if mode == "ours" else run_trl)(args, Path(data), reference)
+        mode, reference, ckpt, data = args.worker
+        result = (run_ours if mode == "ours" else run_trl)(args, Path(data), reference, ckpt == "1")
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -216,16 +229,17 @@ def main() -> None:
     print(header + "\n|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|", flush=True)
     results = {}
     picked = None if args.rows is None else {int(i) for i in args.rows.split(",")}
-    for i, (name, mode, reference) in enumerate(ROWS):
+    for i, (name, mode, reference, ckpt) in enumerate(ROWS):
         if (args.only and mode != args.only) or (picked is not None and i not in picked):
             continue
-        cmd = [sys.executable, __file__, "--worker", mode, reference, str(data), "--model", args.model,
+        cmd = [sys.executable, __file__, "--worker", mode, reference, str(int(ckpt)), str(data), "--model", args.model,
                "--pairs", str(args.pairs), "--max_len", str(args.max_len), "--steps", str(args.steps),
                *(["--vocab_size", str(args.vocab_size)] if args.vocab_size else [])]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))))
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:  # a failing row does not end the table
             why = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            print("\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:]), file=sys.stderr)
             print(f"| {name:30s} | failed: {why[0][:150]} |", flush=True)
             continue
         r = json.loads(line[len("RESULT "):])
@@ -235,7 +249,7 @@ def main() -> None:
         results[name] = tps
         print(f"| {name:30s} | {r['s_per_step']:.3f} | {tps:,.0f} | {100 * mfu:.1f}% | {r['peak_gib']:.1f} | {pre} |",
               flush=True)
-    for ours, trl in ((ROWS[0][0], ROWS[1][0]), (ROWS[2][0], ROWS[3][0]), (ROWS[4][0], ROWS[5][0])):
+    for ours, trl in ((ROWS[a][0], ROWS[b][0]) for a, b in COMPARE):
         if ours in results and trl in results:
             print(f"{ours} / {trl}: {results[ours] / results[trl]:.2f}x tokens/s")
 

@@ -162,6 +162,7 @@ def main() -> None:
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:  # a failing row does not end the table
             why = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            print("\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:]), file=sys.stderr)
             print(f"| {name:22s} | failed: {why[0][:150]} |", flush=True)
             continue
         r = json.loads(line[len("RESULT "):])

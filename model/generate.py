@@ -48,10 +48,21 @@ memory-bandwidth limit inside the training process (no second inference server, 
   temperature=temperature)`). Greedy (temperature 0) reports the unscaled, unfiltered
   log-probability. GRPO's old-policy log-probs should come from sampling without top-k / top-p,
   or the trainer must apply the same filter.
-- FSDP2: each rank generates for its own prompts with the full weights gathered once per call
-  (`full_weights`), not once per layer per token; the step then runs eager (the all-gathered
-  weights are freed and re-allocated at other addresses between rollouts, and FSDP's hooks are not
-  capturable). LoRA works with unmerged adapters (the graph is captured again when adapters are
+- Precision and the snapshot: `dtype` is the compute dtype, and generation runs under autocast to it
+  as training does (float32 master weights, bf16 matmuls, a bf16 cache). A float32 policy would then
+  have every weight cast on every token, and LoRA adds two small matmuls per layer; so on CUDA the
+  engine by default decodes with a snapshot: a plain copy of the policy whose linear weights are
+  stored in the compute dtype with the adapters merged in, refreshed in place (one copy of the
+  weights, a few milliseconds) at the start of every call. It costs that copy's memory (about 2 bytes
+  a parameter: 2.5 GB for a 1B model), keeps the graphs valid while the policy trains, and is what
+  issue 10's "merge the adapters for the rollout phase" measured faster (bench/RESULTS.md).
+  `snapshot=False` decodes with the policy itself.
+- FSDP2: each rank generates for its own prompts. Without a snapshot, the full weights are gathered
+  once per call (`full_weights`), not once per layer per token, and the step runs eager (the
+  gathered weights are re-allocated at other addresses between rollouts, and FSDP's hooks are not
+  capturable); with `snapshot=True` each parameter is gathered into the snapshot once per call and
+  the step is compiled and captured as in one process, for a full bf16 copy of the model per rank.
+  LoRA without a snapshot runs its adapters unmerged (the graph is captured again when adapters are
   merged, disabled or re-allocated).
 
 Deliberately left out: beam search, repetition penalties, speculative decoding, paged attention and
@@ -63,6 +74,7 @@ step's time goes: bench/RESULTS.md).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import time
 from typing import Literal
@@ -73,6 +85,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from model.gpt import GPT, KVCache
+from model.lora import LoRALinear, is_nf4
 from model.masks import causal_mask
 
 # Looking at `finished` makes the host wait for the device, which stalls kernel launches for the
@@ -249,6 +262,57 @@ def _is_fsdp(model: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+# ----------------------------------------------------------------------------- the rollout snapshot
+
+
+def _build_snapshot(model: torch.nn.Module, matmul_dtype: torch.dtype | None) -> GPT:
+    """A plain GPT of the policy's shape for generation to run: linear weights in `matmul_dtype` (what
+    autocast would cast them to on every step), embeddings and norms in the policy's dtype, and an
+    output projection of its own when the policy ties it to the embedding (the tied float32 table
+    would otherwise be cast for every token). Values come from _refresh_snapshot."""
+    cfg = dataclasses.replace(model.config, tie_embeddings=False)
+    with torch.device("meta"):
+        net = GPT(cfg)
+    weight = model.embed_tokens.weight
+    dtype = torch.float32 if is_nf4(weight) else weight.dtype
+    net.to_empty(device=weight.device).to(dtype)
+    if matmul_dtype is not None:
+        for module in net.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.to(matmul_dtype)
+    net.reset_rope()
+    return net.requires_grad_(False).eval()
+
+
+def _full(t: Tensor) -> Tensor:
+    """A parameter whole: an FSDP2 shard (DTensor) is all-gathered; NF4 is dequantized."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.get_original_weight() if is_nf4(t) else t
+
+
+@torch.no_grad()
+def _refresh_snapshot(net: GPT, policy: torch.nn.Module) -> None:
+    """Copy the policy's current weights into the snapshot, in place (its addresses, which the CUDA
+    graphs hold, never change): LoRA adapters merged in float32 (base + scale * B @ A, then rounded
+    once to the snapshot's dtype), or left out while they are disabled. Under FSDP2 each parameter is
+    all-gathered once here, so every rank must generate at the same time."""
+    modules = dict(policy.named_modules())
+    for name, dst in net.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        source = modules[owner] if owner in modules else None
+        if name == "lm_head.weight" and policy.lm_head is None:
+            value = _full(policy.embed_tokens.weight)
+        elif isinstance(source, LoRALinear) and attr == "weight":
+            value = _full(source.weight)
+            if not (source.merged or source.disabled):
+                delta = _full(source.lora_B).float() @ _full(source.lora_A).float()
+                value = value.float() + delta * source.scaling
+        else:
+            value = _full(getattr(source, attr))
+        dst.copy_(value)
+
+
 # ----------------------------------------------------------------------------- the rollout engine
 
 
@@ -302,6 +366,9 @@ class RolloutEngine:
     compact_share: compact once this share of the bucket has finished and the live rows fit a
     smaller bucket; None never compacts. buckets: batch sizes to round up to (default powers of two
     from 8 up to max_batch). prefill_rows: rows per prefill forward (bounds its activation memory).
+    dtype: the compute dtype (autocast to it; the cache's dtype); None: the weights' own, no autocast.
+    snapshot: decode with a refreshed copy of the policy, linear weights in `dtype`, adapters merged
+    (default: on CUDA, for a model without FSDP, when that changes anything); see the module docstring.
     """
 
     def __init__(
@@ -316,16 +383,29 @@ class RolloutEngine:
         compact_share: float | None = 0.5,
         buckets: list[int] | None = None,
         prefill_rows: int = 64,
+        dtype: torch.dtype | None = None,
+        snapshot: bool | None = None,
     ):
         weight = model.embed_tokens.weight
         self.model, self.cfg = model, model.config
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device = weight.device
         cuda = self.device.type == "cuda"
-        # FSDP2's hooks run Python around every forward and its gathered weights move between
-        # rollouts: such a model decodes eager, with its weights gathered once per call.
+        # Generation computes in `dtype` the way training does: autocast over the weights as stored.
+        weights_dtype = torch.float32 if is_nf4(weight) else weight.dtype
+        self.autocast = dtype is not None and dtype != weights_dtype
+        self.dtype = dtype or weights_dtype  # the cache's dtype: what attention reads
         fsdp = _is_fsdp(model)
-        self.compile = (cuda and not fsdp) if compile is None else compile
-        self.cuda_graphs = (cuda and not fsdp) if cuda_graphs is None else cuda_graphs
+        has_lora = any(isinstance(m, LoRALinear) for m in model.modules())
+        if snapshot is None:  # where it changes what a step reads, and the graphs can use it
+            snapshot = cuda and not fsdp and (self.autocast or has_lora)
+        # The network that decodes: the policy itself, or its snapshot (see _build_snapshot).
+        self.net = _build_snapshot(model, self.dtype if self.autocast else None) if snapshot else model
+        # FSDP2's hooks run Python around every forward and its gathered weights move between
+        # rollouts: such a model decodes eager, with its weights gathered once per call. A snapshot is
+        # a plain module whatever the policy is.
+        live_fsdp = fsdp and not snapshot
+        self.compile = (cuda and not live_fsdp) if compile is None else compile
+        self.cuda_graphs = (cuda and not live_fsdp) if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and not cuda:
             raise ValueError("cuda_graphs needs the model on a CUDA device")
         if buckets is None:
@@ -411,7 +491,10 @@ class RolloutEngine:
         sampling = (temperature, top_k, top_p, pad_id)
 
         tokens, logprobs = [], []
-        with full_weights(self.model):
+        if self.net is not self.model:
+            _refresh_snapshot(self.net, self.model)
+        live = full_weights(self.model) if self.net is self.model else contextlib.nullcontext()
+        with live, torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
             for i in range(0, len(prompts), self.max_batch):
                 t, lp = self._generate_batch(prompts[i : i + self.max_batch], budgets[i : i + self.max_batch],
                                              sampling, compact, seed + i)
@@ -452,8 +535,8 @@ class RolloutEngine:
                 rows = slice(r, min(b, r + self.prefill_rows))
                 view = self.cache.rows(rows.start, rows.stop)  # pos 0, a plain slice write
                 mask = causal_mask(valid[rows], P - 1, self.cfg.sliding_window)  # (rows, 1, P-1, P-1)
-                self.model(ids[rows, :-1], position_ids=positions[rows], attn_mask=mask, cache=view,
-                           logits_to_keep=1)
+                self.net(ids[rows, :-1], position_ids=positions[rows], attn_mask=mask, cache=view,
+                         logits_to_keep=1)
         self._pos.fill_(P - 1)
 
         # ---- decode: one step per new token, compacting finished rows away now and then
@@ -489,7 +572,7 @@ class RolloutEngine:
             for t in (*cache.k, *cache.v, *(getattr(s, name) for name in _Slots.PER_SLOT), noise):
                 if t is not None:
                     torch._dynamo.maybe_mark_dynamic(t, 0)
-        self._step_fn(self.model, self._caches[b], self._slots[b], noise, temperature, top_k, top_p, pad_id,
+        self._step_fn(self.net, self._caches[b], self._slots[b], noise, temperature, top_k, top_p, pad_id,
                       self.cfg.sliding_window)
 
     def _compact(self, b: int, new_b: int) -> None:
@@ -512,7 +595,7 @@ class RolloutEngine:
     def _signature(self) -> tuple:
         """What a captured graph bakes in besides the engine's buffers: the addresses of the weights
         and the modules that run (merging or disabling LoRA adapters changes them)."""
-        m = self.model
+        m = self.net
         return (tuple(t.data_ptr() for t in (*m.parameters(), *m.buffers())),
                 tuple((id(x), getattr(x, "merged", None), getattr(x, "disabled", None)) for x in m.modules()))
 

@@ -108,6 +108,9 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         t = k.shape[2]
+        # Under autocast RoPE leaves keys in float32; a bf16 cache stores them rounded as attention
+        # would round them anyway.
+        k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
         if isinstance(self.pos, Tensor):
             # Indexing with a tensor is an index_put_ into the buffer, which the compiler keeps in
             # place (no copy of the cache); a slice at a Python int would recompile every step.
@@ -247,6 +250,7 @@ class GPT(nn.Module):
         input_ids: Tensor,
         position_ids: Tensor | None = None,
         document_ids: Tensor | None = None,
+        shared_prefix: bool = False,
         attn_mask=None,
         cache: KVCache | None = None,
         targets: Tensor | None = None,
@@ -266,8 +270,9 @@ class GPT(nn.Module):
 
         position_ids (B, T): defaults to 0..T-1 after what the cache holds. document_ids (B, T):
         packed rows, several documents per row (positions restart in each); attention stays within
-        a document. attn_mask: an explicit bool mask broadcastable to (B, H, T, S) (True = attend),
-        as generation's left padding needs. With neither, attention is causal. The sliding window,
+        a document. shared_prefix: document 0 of each row is a prompt every later document of the row
+        continues (its responses): they all see it, and not each other. attn_mask: an explicit bool
+        mask broadcastable to (B, H, T, S) (True = attend), as generation's left padding needs. With neither, attention is causal. The sliding window,
         when the model has one, applies in every case.
         """
         B, T = input_ids.shape
@@ -276,7 +281,7 @@ class GPT(nn.Module):
             start = cache.pos if cache is not None else 0
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         if document_ids is not None:
-            attn_mask = packed_mask(document_ids, window)
+            attn_mask = packed_mask(document_ids, window, shared_prefix)
         elif attn_mask is None and window is not None:
             S = T + (cache.pos if cache is not None else 0)
             if S > window:

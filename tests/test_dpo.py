@@ -2,6 +2,7 @@
 confirm, its response log-probs equal a log_softmax of full logits, its reference modes agree, and
 accumulation, resume and world size do not change what it computes."""
 
+import functools
 import json
 import os
 import subprocess
@@ -50,9 +51,10 @@ def pairs():
                                   progress=False)
 
 
-def _batch(pairs, n=4):
+def _batch(pairs, n=4, share_prompt=False):
     _, dataset = pairs
-    return next(ChatBatches(dataset, n, collate=dpo.collate_indexed_pairs).iter_eval())
+    collate = functools.partial(dpo.collate_indexed_pairs, share_prompt=share_prompt)
+    return next(ChatBatches(dataset, n, collate=collate).iter_eval())
 
 
 def test_response_logprobs_equal_log_softmax_of_full_logits_in_value_and_gradient(pairs):
@@ -90,6 +92,30 @@ def test_response_logprobs_equal_log_softmax_of_full_logits_in_value_and_gradien
                                    msg=n)
 
 
+def test_shared_prompt_rows_give_the_log_probs_and_gradient_of_separate_rows(pairs):
+    """One row per pair (the prompt once, both responses continuing it) against 2B plain rows: the
+    same response log-probs and the same gradient of a DPO loss, in fewer tokens."""
+    plain, shared = _batch(pairs, n=6), _batch(pairs, n=6, share_prompt=True)
+    assert shared["input_ids"].shape[0] * 2 == plain["input_ids"].shape[0]
+    real = lambda b: int((b["targets"] != IGNORE_INDEX).sum())  # noqa: E731
+    assert real(shared) == real(plain)  # every scored token, once
+    assert (shared["document_ids"] >= 0).sum() < (plain["input_ids"] != 0).sum()  # the prompt once per pair
+    model = load_hf(BASE)
+    torch.manual_seed(0)
+    ref_logps = torch.randn(12)
+    grads, values = [], []
+    for batch in (plain, shared):
+        logps = dpo.sequence_logps(model, batch)
+        dpo_loss(logps[:6], logps[6:], ref_logps[:6], ref_logps[6:], beta=0.1)[0].sum().backward()
+        values.append(logps.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad()
+    # Summation order differs (other row lengths, other chunks): float32 noise, well under 1e-4.
+    torch.testing.assert_close(values[1], values[0], rtol=0, atol=1e-4)
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=0, atol=1e-4 * g.abs().max().item(), msg=n)
+
+
 def test_adapters_off_reference_equals_a_separately_loaded_base(pairs):
     batch = _batch(pairs)
     model = load_hf(BASE)
@@ -123,7 +149,7 @@ def test_simpo_full_fine_tuning_learns_the_preference_on_held_out_pairs(tmp_path
     base = load_hf(BASE)
     with torch.no_grad():
         batch = next(ChatBatches(val_set, len(val_set), collate=dpo.collate_indexed_pairs).iter_eval())
-        n = (batch["targets"] != IGNORE_INDEX).sum(-1)
+        n = dpo.per_response((batch["targets"] != IGNORE_INDEX).long(), batch)
         avg = dpo.sequence_logps(base, batch) / n
     B = len(val_set)
     before = (avg[:B] > avg[B:]).float().mean().item()

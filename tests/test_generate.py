@@ -324,6 +324,56 @@ def test_engine_with_unmerged_lora_equals_merged_model(stories):
     assert got != generate(ours, prompts, 24)  # the adapters did change the output
 
 
+def _lora_with_adapters(ours):
+    import copy
+
+    from model.lora import apply_lora, lora_modules
+
+    lora = apply_lora(copy.deepcopy(ours), "all-linear", r=4, alpha=8)
+    with torch.no_grad():  # B = 0 at init: give the adapters something to change
+        for _, m in lora_modules(lora):
+            m.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(m.out_features))
+    return lora
+
+
+def test_engine_snapshot_merges_adapters_and_follows_the_policy(stories):
+    """The snapshot (a plain copy, adapters merged) decodes what the live LoRA model decodes, follows the
+    adapters when they change between calls, and leaves them out while they are disabled."""
+    from model.lora import disable_lora, lora_modules
+
+    ours, _ = stories
+    lora = _lora_with_adapters(ours)
+    prompts = [[1], [1, 415, 263], [1, 9, 10, 11, 12]]
+    snap, live = _engine(lora, snapshot=True), _engine(lora, snapshot=False)
+    assert snap.net is not lora and live.net is lora
+    got, got_lp = snap.generate(prompts, 24, return_logprobs=True)
+    want, want_lp = live.generate(prompts, 24, return_logprobs=True)
+    assert got == want
+    for a, b in zip(got_lp, want_lp):  # merged in float32 vs the adapters' own matmuls: rounding only
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-4)
+    with torch.no_grad():
+        for _, m in lora_modules(lora):
+            m.lora_B.mul_(-1)
+    assert snap.generate(prompts, 24) == live.generate(prompts, 24) != got
+    with disable_lora(lora):
+        assert snap.generate(prompts, 24) == generate(ours, prompts, 24)
+
+
+def test_engine_snapshot_in_bf16_equals_the_float32_policy_under_autocast(stories):
+    """With a compute dtype, the snapshot's pre-cast weights (and its own copy of the tied output
+    projection) compute bit for bit what autocast computes over the float32 policy: same tokens, same
+    log-probs."""
+    ours, _ = stories
+    prompts = [[1], [1, 415, 263], [1, 9, 10, 11, 12]]
+    kw = dict(max_new_tokens=24, temperature=1.0, seed=3, return_logprobs=True)
+    snap = _engine(ours, dtype=torch.bfloat16, snapshot=True)
+    live = _engine(ours, dtype=torch.bfloat16, snapshot=False)
+    got, want = snap.generate(prompts, **kw), live.generate(prompts, **kw)
+    assert snap.cache.k[0].dtype == torch.bfloat16
+    assert got == want
+    assert got != _engine(ours).generate(prompts, **kw)  # bf16 is not float32: the check has teeth
+
+
 def _fsdp_generate_worker(rank, world_size, port, path, out):
     import os
 
@@ -348,7 +398,8 @@ def _fsdp_generate_worker(rank, world_size, port, path, out):
         prompts = _random_prompts(512, [3, 7, 1], seed=10 + rank)  # each rank its own prompts
         engine = gen.RolloutEngine(model, 4, 8, 16)
         tokens = engine.generate(prompts, 16, stop_ids={2})
-        torch.save({"prompts": prompts, "tokens": tokens, "gathers": gathers,
+        snapshot_tokens = gen.RolloutEngine(model, 4, 8, 16, snapshot=True).generate(prompts, 16, stop_ids={2})
+        torch.save({"prompts": prompts, "tokens": tokens, "snapshot_tokens": snapshot_tokens, "gathers": gathers,
                     "sharded": type(model.layers[0].mlp.up_proj.weight).__name__}, f"{out}/rank{rank}.pt")
         dist.barrier()
     finally:
@@ -372,6 +423,7 @@ def test_engine_under_fsdp2_gathers_once_and_matches_one_process(stories, tmp_pa
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["tokens"] == generate(ours, result["prompts"], 16, stop_ids={2})
+        assert result["snapshot_tokens"] == result["tokens"]  # each parameter gathered into the snapshot
         assert result["sharded"] == "DTensor"  # resharded after the rollout
         if result["gathers"] is not None:
             assert len(result["gathers"]) == len(ours.layers) + 1  # each block and the root, once

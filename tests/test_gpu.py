@@ -63,6 +63,25 @@ def test_flex_attention_packing_matches_dense_mask():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_shared_prefix_flex_mask_matches_dense_mask_with_gradient():
+    """A prompt shared by two responses (DPO's shared-prompt rows): the FlexAttention BlockMask path
+    the model takes on CUDA against the dense mask, forward and backward, in float32."""
+    model = _tiny()
+    docs = torch.tensor([[0] * 90 + [1] * 70 + [2] * 60 + [-1] * 36], device="cuda")
+    pos = torch.cat([torch.arange(90), torch.arange(90, 160), torch.arange(90, 150), torch.zeros(36, dtype=torch.long)])
+    pos = pos.cuda()[None]
+    ids = torch.randint(0, 512, (1, 256), device="cuda")
+    got = model(ids, position_ids=pos, document_ids=docs, shared_prefix=True)
+    got[:, :220].float().logsumexp(-1).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = model(ids, position_ids=pos, attn_mask=document_mask(docs, shared_prefix=True))
+    expected[:, :220].float().logsumexp(-1).sum().backward()
+    torch.testing.assert_close(got[:, :220], expected[:, :220], rtol=1e-4, atol=1e-4)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=0, atol=1e-4 * p.grad.abs().max().item())
+
+
 def test_generation_on_gpu_equals_cpu():
     from model.generate import generate
 

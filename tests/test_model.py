@@ -95,6 +95,24 @@ def test_packed_rows_equal_separate_sequences():
     assert _rel_err(got, expected) < 1e-5
 
 
+def test_shared_prefix_rows_equal_the_prompt_run_with_each_response():
+    """[prompt, response 1, response 2] with shared_prefix: each response's outputs equal those of
+    prompt + that response run alone; the prompt's equal the prompt's alone."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny-qwen3"))
+    model.init_weights(seed=0)
+    p, r1, r2 = torch.randint(0, 512, (1, 9)), torch.randint(0, 512, (1, 5)), torch.randint(0, 512, (1, 8))
+    row = torch.cat([p, r1, r2], dim=1)
+    docs = torch.tensor([[0] * 9 + [1] * 5 + [2] * 8])
+    pos = torch.cat([torch.arange(9), torch.arange(9, 14), torch.arange(9, 17)])[None]
+    with torch.no_grad():
+        got = model(row, position_ids=pos, document_ids=docs, shared_prefix=True)
+        one, two = model(torch.cat([p, r1], 1)), model(torch.cat([p, r2], 1))
+    assert _rel_err(got[:, :9], one[:, :9]) < 1e-5
+    assert _rel_err(got[:, 9:14], one[:, 9:]) < 1e-5
+    assert _rel_err(got[:, 14:], two[:, 9:]) < 1e-5
+
+
 def test_meta_device_build_and_init_is_deterministic():
     cfg = ModelConfig.preset("llama-3.1-8b")
     with torch.device("meta"):

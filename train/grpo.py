@@ -55,7 +55,7 @@ from train.config import (
 from train.dist import all_reduce_sum, barrier, catch_stop_signals, setup_distributed, teardown_distributed
 from train.log import Throughput
 from train.optim import build_optimizer, clip_grad_norm_, lr_at
-from train.parallel import autocast, parallelize
+from train.parallel import autocast, compute_dtype, freeze_in_compute_dtype, parallelize
 from train.prompt_data import PromptDataset
 from train.plot import write_curves
 from train.run import check_finite, load_or_init_weights, report_export, resume_or_start, sample_chat, start_run
@@ -216,11 +216,13 @@ def main(cfg: GRPOConfig, reward_funcs: list[Callable] | None = None) -> dict:
         ref_model = parallelize(ref_model, dataclasses.replace(cfg.parallel, activation_checkpointing=False), dist)
         ref_model.to_empty(device=dist.device)
         load_or_init_weights(ref_model, ckpt_dir, cfg.seed)
-        ref_model.requires_grad_(False).eval()
+        freeze_in_compute_dtype(ref_model, cfg.parallel, dist)
 
     # ---- the rollout engine: generation with the policy itself, a static cache sized once
+    # It samples in the compute dtype, as the trainer scores; on CUDA from a snapshot of the policy with
+    # its linear weights in that dtype and any adapters merged (model/generate.py), refreshed every rollout.
     engine = RolloutEngine(model, max_batch=prompts_per_rank * G, max_prompt_len=cfg.data.max_prompt_len,
-                           max_new_tokens=cfg.grpo.max_completion_len)
+                           max_new_tokens=cfg.grpo.max_completion_len, dtype=compute_dtype(cfg.parallel, dist.device))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = build_optimizer(model, cfg.optim, dist.device)
 

@@ -434,6 +434,52 @@ def collate_pairs(samples, pad_id) -> dict:
                 [s["chosen_targets"] for s in samples] + [s["rejected_targets"] for s in samples], pad_id)
 
 
+def shared_prefix_len(sequences: list, targets: list) -> int:
+    """How many leading tokens several sequences can share in one forward: fewer than their common
+    prefix (each response restarts with a copy of the prompt's last shared token, whose output
+    predicts that response's first token) and none that is scored."""
+    first = sequences[0]
+    common = min(len(s) for s in sequences)
+    for s in sequences[1:]:
+        differ = np.flatnonzero(np.asarray(s[:common]) != np.asarray(first[:common]))
+        common = int(differ[0]) if len(differ) else common
+    scored = [np.flatnonzero(np.asarray(t) != IGNORE_INDEX) for t in targets]
+    first_scored = min((int(x[0]) for x in scored if len(x)), default=common)
+    return max(0, min(common - 1, first_scored))
+
+
+def pack_shared_prefix(sequences: list, targets: list) -> tuple[np.ndarray, ...]:
+    """Responses to one prompt as one row: the shared prompt once (document 0), then each sequence's
+    remainder (documents 1, 2, ...) with positions continuing from the prompt, so each sees the
+    prompt and itself only (the `shared_prefix` mask). Returns (ids, targets, positions, documents)."""
+    k = shared_prefix_len(sequences, targets)
+    ids, tgt, pos, doc = [sequences[0][:k]], [np.full(k, IGNORE_INDEX)], [np.arange(k)], [np.zeros(k, np.int64)]
+    for d, (s, t) in enumerate(zip(sequences, targets, strict=True), start=1):
+        ids.append(s[k:])
+        tgt.append(t[k:])
+        pos.append(np.arange(k, len(s)))
+        doc.append(np.full(len(s) - k, d))
+    return tuple(np.concatenate(x).astype(np.int64) for x in (ids, tgt, pos, doc))
+
+
+def collate_shared_prompt(samples, pad_id) -> dict:
+    """B pairs -> {input_ids, targets, position_ids, document_ids}, each (B, T) int64: one row per pair,
+    its prompt once, then the chosen response (document 1) and the rejected one (document 2), both
+    continuing the prompt. The prompt's forward is shared: fewer tokens than collate_pairs' 2B rows,
+    the same log-probs (tests/test_dpo_loop.py). Padding: document -1."""
+    rows = [pack_shared_prefix([s["chosen_input_ids"], s["rejected_input_ids"]],
+                               [s["chosen_targets"], s["rejected_targets"]]) for s in samples]
+    N, T = len(rows), max(len(r[0]) for r in rows)
+    batch = {"input_ids": torch.full((N, T), pad_id, dtype=torch.int64),
+             "targets": torch.full((N, T), IGNORE_INDEX, dtype=torch.int64),
+             "position_ids": torch.zeros((N, T), dtype=torch.int64),
+             "document_ids": torch.full((N, T), -1, dtype=torch.int64)}
+    for n, row in enumerate(rows):
+        for key, values in zip(("input_ids", "targets", "position_ids", "document_ids"), row):
+            batch[key][n, :len(values)] = torch.from_numpy(values)
+    return batch
+
+
 def collate_unpaired(samples, pad_id) -> dict:
     """B KTO samples -> {input_ids, targets, position_ids} (B, T) int64 and label (B,) bool."""
     batch = _pad([s["input_ids"] for s in samples], [s["targets"] for s in samples], pad_id)
