@@ -253,6 +253,15 @@ def main():
             assert sum(map(len, out)) == b * N
             row("ours (static cache, graphs)", b, b * N, seconds, mem)
             print(f"#   warm-up (compile + capture of {len(engine._graphs)} graphs): {warmup:.1f}s", flush=True)
+        if device == "cuda" and elapsed() < args.deadline_s:  # what the snapshot's fused layers gain
+            b = batches[len(batches) // 2]
+            baseline = allocated()
+            plain = RolloutEngine(ours, b, P, N, snapshot=False)
+            plain.generate(prompts[:b], 8, seed=0, **sampling)
+            out, seconds, mem = timed(lambda: plain.generate(prompts[:b], N, seed=1, **sampling), device,
+                                      baseline, weight_bytes, repeats=3)
+            row("ours, no snapshot (unfused)", b, b * N, seconds, mem)
+            del plain
 
         # ---- 2. the GRPO length mix
         print(f"\n# GRPO length mix: completion lengths uniform in [32, {N}] (seeded per-row budgets), "

@@ -11,7 +11,10 @@ model almost never samples its end token, so completions run to the limit), one 
 rollout (mu = 1), micro-batches of 8 completions. The reward is a cheap function of the text.
 
 Rows: ours (the rollout engine: static cache, CUDA graphs, in-process); TRL with its default
-generation path (transformers generate); TRL with `cache_implementation="static"`. s/step is the
+generation path (transformers generate); TRL with `cache_implementation="static"` (which fails on
+float32 weights under bf16 autocast: transformers allocates the static cache in the weights' dtype),
+and the same with the model loaded in bf16 (`model_init_kwargs`: bf16 weights, a different recipe).
+TRL 1.16 checkpoints activations by default (gradient_checkpointing); ours does not here. s/step is the
 mean over the steps after the first two (warm-up: compilation and graph capture); ours also prints
 the phase split its loop logs (generation, scoring, reference, training).
 """
@@ -36,8 +39,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))
 from dpo import _model_config, make_data  # noqa: E402  (the same text and tokenizer as the DPO bench)
 
-ROWS = [("ours", "ours", None), ("TRL default generate", "trl", None), ("TRL static cache", "trl", "static")]
-WARMUP = 2
+ROWS = [("ours", "ours", None), ("TRL default generate", "trl", None), ("TRL static cache", "trl", "static"),
+        ("TRL static, bf16 weights", "trl", "static-bf16")]
+WARMUP = 3
 
 
 def vowel_share(prompts, completions, **kw):
@@ -100,7 +104,8 @@ def run_trl(args, data: Path, cache: str | None) -> dict:
                         num_generations=args.G, max_completion_length=args.completion_tokens,
                         max_steps=args.steps, learning_rate=1e-6, beta=0.04, bf16=cuda, use_cpu=not cuda,
                         logging_steps=1, save_strategy="no", report_to=[], temperature=1.0,
-                        cache_implementation=cache, dataloader_num_workers=0)
+                        cache_implementation=cache and cache.removesuffix("-bf16"), dataloader_num_workers=0,
+                        model_init_kwargs={"dtype": torch.bfloat16} if cache and cache.endswith("-bf16") else None)
     times = []
 
     class Clock(transformers.TrainerCallback):
@@ -132,7 +137,7 @@ def main() -> None:
     p.add_argument("--micro_batch", type=int, default=8)
     p.add_argument("--prompt_tokens", type=int, default=128)
     p.add_argument("--completion_tokens", type=int, default=256)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--vocab_size", type=int, default=None, help="override the preset's (CPU smoke runs)")
     p.add_argument("--only", choices=["ours", "trl"], default=None)
     p.add_argument("--worker", nargs=3, metavar=("MODE", "CACHE", "DATA"), help=argparse.SUPPRESS)
@@ -172,7 +177,7 @@ def main() -> None:
         results[name] = r["s_per_step"]
         print(f"| {name:22s} | {r['s_per_step']:.2f} | {tokens / r['s_per_step']:,.0f} | {cols} | {r['peak_gib']:.1f} |",
               flush=True)
-    for name in ("TRL default generate", "TRL static cache"):
+    for name in ("TRL default generate", "TRL static cache", "TRL static, bf16 weights"):
         if "ours" in results and name in results:
             print(f"ours vs {name}: {results[name] / results['ours']:.1f}x faster per step")
 

@@ -52,11 +52,11 @@ memory-bandwidth limit inside the training process (no second inference server, 
   as training does (float32 master weights, bf16 matmuls, a bf16 cache). A float32 policy would then
   have every weight cast on every token, and LoRA adds two small matmuls per layer; so on CUDA the
   engine by default decodes with a snapshot: a plain copy of the policy whose linear weights are
-  stored in the compute dtype with the adapters merged in, refreshed in place (one copy of the
-  weights, a few milliseconds) at the start of every call. It costs that copy's memory (about 2 bytes
-  a parameter: 2.5 GB for a 1B model), keeps the graphs valid while the policy trains, and is what
-  issue 10's "merge the adapters for the rollout phase" measured faster (bench/RESULTS.md).
-  `snapshot=False` decodes with the policy itself.
+  stored in the compute dtype with the adapters merged in and q/k/v and gate/up fused into one
+  matmul each (`GPT.fuse_projections`), refreshed in place (one copy of the weights, a few
+  milliseconds) at the start of every call. It costs that copy's memory (about 2 bytes a parameter:
+  2.5 GB for a 1B model) and keeps the graphs valid while the policy trains; bench/RESULTS.md
+  measures what it gains. `snapshot=False` decodes with the policy itself.
 - FSDP2: each rank generates for its own prompts. Without a snapshot, the full weights are gathered
   once per call (`full_weights`), not once per layer per token, and the step runs eager (the
   gathered weights are re-allocated at other addresses between rollouts, and FSDP's hooks are not
@@ -67,8 +67,8 @@ memory-bandwidth limit inside the training process (no second inference server, 
 
 Deliberately left out: beam search, repetition penalties, speculative decoding, paged attention and
 continuous batching (refill), length buckets (attention reads the whole static cache every step),
-a decode attention kernel of our own and fused q/k/v and gate/up projections (where the rest of a
-step's time goes: bench/RESULTS.md).
+and a decode attention kernel of our own (where much of the rest of a step's time goes:
+bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -265,14 +265,17 @@ def _is_fsdp(model: torch.nn.Module) -> bool:
 # ----------------------------------------------------------------------------- the rollout snapshot
 
 
-def _build_snapshot(model: torch.nn.Module, matmul_dtype: torch.dtype | None) -> GPT:
+def _build_snapshot(model: torch.nn.Module, matmul_dtype: torch.dtype | None, fuse: bool) -> GPT:
     """A plain GPT of the policy's shape for generation to run: linear weights in `matmul_dtype` (what
     autocast would cast them to on every step), embeddings and norms in the policy's dtype, and an
     output projection of its own when the policy ties it to the embedding (the tied float32 table
-    would otherwise be cast for every token). Values come from _refresh_snapshot."""
+    would otherwise be cast for every token); with `fuse`, q/k/v and gate/up fused into one matmul
+    each (GPT.fuse_projections). Values come from _refresh_snapshot."""
     cfg = dataclasses.replace(model.config, tie_embeddings=False)
     with torch.device("meta"):
         net = GPT(cfg)
+        if fuse:
+            net.fuse_projections()
     weight = model.embed_tokens.weight
     dtype = torch.float32 if is_nf4(weight) else weight.dtype
     net.to_empty(device=weight.device).to(dtype)
@@ -298,19 +301,30 @@ def _refresh_snapshot(net: GPT, policy: torch.nn.Module) -> None:
     once to the snapshot's dtype), or left out while they are disabled. Under FSDP2 each parameter is
     all-gathered once here, so every rank must generate at the same time."""
     modules = dict(policy.named_modules())
+
+    def value(name: str) -> Tensor:  # the policy's tensor `name` as its forward uses it
+        owner, _, attr = name.rpartition(".")
+        source = modules.get(owner)
+        if name == "lm_head.weight" and policy.lm_head is None:
+            return _full(policy.embed_tokens.weight)
+        if isinstance(source, LoRALinear) and attr == "weight":
+            weight = _full(source.weight)
+            if source.merged or source.disabled:
+                return weight
+            return weight.float() + (_full(source.lora_B).float() @ _full(source.lora_A).float()) * source.scaling
+        return _full(getattr(source, attr))
+
     for name, dst in net.named_parameters():
         owner, _, attr = name.rpartition(".")
-        source = modules[owner] if owner in modules else None
-        if name == "lm_head.weight" and policy.lm_head is None:
-            value = _full(policy.embed_tokens.weight)
-        elif isinstance(source, LoRALinear) and attr == "weight":
-            value = _full(source.weight)
-            if not (source.merged or source.disabled):
-                delta = _full(source.lora_B).float() @ _full(source.lora_A).float()
-                value = value.float() + delta * source.scaling
+        module, _, layer = owner.rpartition(".")
+        if layer in GPT.FUSED:  # rows of a fused layer, one source layer after another
+            row = 0
+            for part in GPT.FUSED[layer]:
+                src = value(f"{module}.{part}.{attr}")
+                dst[row:row + src.shape[0]].copy_(src)
+                row += src.shape[0]
         else:
-            value = _full(getattr(source, attr))
-        dst.copy_(value)
+            dst.copy_(value(name))
 
 
 # ----------------------------------------------------------------------------- the rollout engine
@@ -369,6 +383,7 @@ class RolloutEngine:
     dtype: the compute dtype (autocast to it; the cache's dtype); None: the weights' own, no autocast.
     snapshot: decode with a refreshed copy of the policy, linear weights in `dtype`, adapters merged
     (default: on CUDA, for a model without FSDP, when that changes anything); see the module docstring.
+    fuse_projections: the snapshot's q/k/v and gate/up as one matmul each (default: on CUDA).
     """
 
     def __init__(
@@ -385,6 +400,7 @@ class RolloutEngine:
         prefill_rows: int = 64,
         dtype: torch.dtype | None = None,
         snapshot: bool | None = None,
+        fuse_projections: bool | None = None,
     ):
         weight = model.embed_tokens.weight
         self.model, self.cfg = model, model.config
@@ -395,11 +411,13 @@ class RolloutEngine:
         self.autocast = dtype is not None and dtype != weights_dtype
         self.dtype = dtype or weights_dtype  # the cache's dtype: what attention reads
         fsdp = _is_fsdp(model)
-        has_lora = any(isinstance(m, LoRALinear) for m in model.modules())
-        if snapshot is None:  # where it changes what a step reads, and the graphs can use it
-            snapshot = cuda and not fsdp and (self.autocast or has_lora)
+        if snapshot is None:  # on CUDA it is the faster path (pre-cast, merged, fused weights)
+            snapshot = cuda and not fsdp
         # The network that decodes: the policy itself, or its snapshot (see _build_snapshot).
-        self.net = _build_snapshot(model, self.dtype if self.autocast else None) if snapshot else model
+        if fuse_projections and not snapshot:
+            raise ValueError("fuse_projections fuses the snapshot's layers: it needs snapshot=True")
+        fuse = cuda if fuse_projections is None else fuse_projections
+        self.net = _build_snapshot(model, self.dtype if self.autocast else None, fuse) if snapshot else model
         # FSDP2's hooks run Python around every forward and its gathered weights move between
         # rollouts: such a model decodes eager, with its weights gathered once per call. A snapshot is
         # a plain module whatever the policy is.

@@ -150,9 +150,14 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, cache: KVCache | None) -> Tensor:
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, K, D)
-        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if hasattr(self, "qkv_proj"):  # fused by GPT.fuse_projections: one matmul for q, k and v
+            q, k, v = self.qkv_proj(x).split([cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+                                              cfg.num_kv_heads * cfg.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, K, D)
+        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
@@ -188,6 +193,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if hasattr(self, "gate_up_proj"):  # fused by GPT.fuse_projections
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -241,6 +249,31 @@ class GPT(nn.Module):
         if device.type == "meta":
             device = self.rope_inv_freq.device
         self.rope_inv_freq = rope_inv_freq(self.config, device=device)
+
+    # What fuse_projections makes of each module's layers, in the order their outputs are concatenated.
+    FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+    @torch.no_grad()
+    def fuse_projections(self) -> "GPT":
+        """For inference: q/k/v of every attention and gate/up of every MLP become one linear layer
+        each (weights concatenated by rows), so a decode step runs one larger matmul where it ran
+        two or three small ones. Parameter names change (qkv_proj, gate_up_proj): a fused model no
+        longer loads checkpoints; model/generate.py's rollout snapshot fuses its own copy."""
+        for module in list(self.modules()):
+            for fused, parts in self.FUSED.items():
+                if not all(isinstance(getattr(module, p, None), nn.Linear) for p in parts):
+                    continue
+                layers = [getattr(module, p) for p in parts]
+                weight = torch.cat([m.weight for m in layers])
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=layers[0].bias is not None,
+                                   device="meta")
+                linear.weight = nn.Parameter(weight, requires_grad=False)
+                if layers[0].bias is not None:
+                    linear.bias = nn.Parameter(torch.cat([m.bias for m in layers]), requires_grad=False)
+                setattr(module, fused, linear)
+                for p in parts:
+                    delattr(module, p)
+        return self
 
     def output_weight(self) -> Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -359,6 +359,25 @@ def test_engine_snapshot_merges_adapters_and_follows_the_policy(stories):
         assert snap.generate(prompts, 24) == generate(ours, prompts, 24)
 
 
+def test_fused_projections_compute_what_the_separate_layers_compute(tmp_path):
+    """GPT.fuse_projections on a model with q/k/v biases (qwen2) and on llama: the same logits, and a
+    fused LoRA snapshot decodes what the live model decodes."""
+    import copy
+
+    for name in ("qwen2", "llama"):
+        ours, _ = _tiny(name, tmp_path / name)
+        fused = copy.deepcopy(ours).fuse_projections()
+        assert not hasattr(fused.layers[0].self_attn, "q_proj") and hasattr(fused.layers[0].mlp, "gate_up_proj")
+        ids = torch.randint(0, ours.config.vocab_size, (2, 12))
+        with torch.no_grad():
+            torch.testing.assert_close(fused(ids), ours(ids), rtol=1e-5, atol=1e-5)
+        lora = _lora_with_adapters(ours)
+        prompts = [[1], [1, 5, 7], [3, 9, 10, 11, 12]]
+        snap = _engine(lora, snapshot=True, fuse_projections=True)
+        assert hasattr(snap.net.layers[0].self_attn, "qkv_proj")
+        assert snap.generate(prompts, 16) == _engine(lora, snapshot=False).generate(prompts, 16)
+
+
 def test_engine_snapshot_in_bf16_equals_the_float32_policy_under_autocast(stories):
     """With a compute dtype, the snapshot's pre-cast weights (and its own copy of the tied output
     projection) compute bit for bit what autocast computes over the float32 policy: same tokens, same

@@ -56,11 +56,45 @@ def test_sampler_logprobs_are_the_trainers_at_the_sampling_temperature(tmp_path)
 
 def test_completion_batch_aligns_targets_and_sampler_logprobs():
     batch = grpo.completion_batch([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], [[-0.1, -0.2], [-0.3, -0.4, -0.5]],
-                                  pad_id=0, device="cpu")
+                                  pad_id=0, device="cpu", share_prompt=False)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 1, 2], [8, 3, 4, 9, 0]]
     assert batch["targets"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 1, 2, IGNORE_INDEX],
                                          [3, 4, 9, IGNORE_INDEX, IGNORE_INDEX]]
-    torch.testing.assert_close(batch["old_logps"], torch.tensor([[0, 0, -0.1, -0.2, 0], [-0.3, -0.4, -0.5, 0, 0]]))
+    # Completion token c of completion i is the target at flat position index[i, c].
+    targets = batch["targets"].flatten()[batch["index"]] * batch["completion_mask"]
+    assert targets.tolist() == [[1, 2, 0], [3, 4, 9]]
+    torch.testing.assert_close(batch["old_logps"], torch.tensor([[-0.1, -0.2, 0], [-0.3, -0.4, -0.5]]))
+
+
+def test_shared_prompt_rows_give_each_completions_log_probs_and_gradient():
+    """Completions of one prompt in one row (the prompt once) against a row per completion: the same
+    per-token log-probs of every completion, and the same gradient of a weighted sum of them."""
+    from model.config import ModelConfig
+    from model.gpt import GPT
+
+    model = GPT(ModelConfig.preset("tiny"))
+    model.init_weights(seed=0)
+    g = torch.Generator().manual_seed(0)
+    p1, p2 = torch.randint(0, 512, (9,), generator=g).tolist(), torch.randint(0, 512, (5,), generator=g).tolist()
+    prompts = [p1, p1, p1, p2, p2]
+    completions = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (4, 7, 1, 6, 3)]
+    lps = [[-1.0] * len(c) for c in completions]
+    plain = grpo.completion_batch(prompts, completions, lps, 0, "cpu", share_prompt=False)
+    shared = grpo.completion_batch(prompts, completions, lps, 0, "cpu", share_prompt=True)
+    assert shared["input_ids"].shape[0] == 2 and plain["input_ids"].shape[0] == 5
+    assert shared["targets"].flatten()[shared["index"]].masked_fill(~shared["completion_mask"], 0).tolist() == \
+        [c + [0] * (7 - len(c)) for c in completions]
+    weights = torch.randn(5, 7, generator=g)
+    values, grads = [], []
+    for batch in (plain, shared):
+        logps = grpo.completion_logps(model, batch, temperature=0.7)
+        (logps * weights).sum().backward()
+        values.append(logps.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+    torch.testing.assert_close(values[1], values[0], rtol=0, atol=1e-5)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * b.abs().max().item())
 
 
 def test_accumulation_does_not_change_the_step(tmp_path):

@@ -5,6 +5,7 @@ int64 tensors. Every loader here returns the same shape of batch:
     targets       (B, T)  the next token of each position, IGNORE_INDEX (-100) where nothing is scored
     position_ids  (B, T)  optional: positions restart at 0 in each packed document
     document_ids  (B, T)  optional: packed rows, the documents numbered 0, 1, ..., padding -1
+                          (with the model's shared_prefix: document 0 is a prompt the others continue)
 
 and `num_targets(batch)` counts the scored tokens, the loss normaliser.
 
@@ -321,3 +322,33 @@ class ChatBatches:
     def load_state_dict(self, state):
         self.schedule.load_state_dict(state)
         self._cache = {}
+
+
+# ----------------------------------------------------------------------------- shared prompts
+
+def shared_prefix_len(sequences: list, targets: list) -> int:
+    """How many leading tokens several sequences can share in one forward: fewer than their common
+    prefix (each response restarts with a copy of the prompt's last shared token, whose output
+    predicts that response's first token) and none that is scored."""
+    first = sequences[0]
+    common = min(len(s) for s in sequences)
+    for s in sequences[1:]:
+        differ = np.flatnonzero(np.asarray(s[:common]) != np.asarray(first[:common]))
+        common = int(differ[0]) if len(differ) else common
+    scored = [np.flatnonzero(np.asarray(t) != IGNORE_INDEX) for t in targets]
+    first_scored = min((int(x[0]) for x in scored if len(x)), default=common)
+    return max(0, min(common - 1, first_scored))
+
+
+def pack_shared_prefix(sequences: list, targets: list) -> tuple[np.ndarray, ...]:
+    """Responses to one prompt as one row: the shared prompt once (document 0), then each sequence's
+    remainder (documents 1, 2, ...) with positions continuing from the prompt, so each sees the
+    prompt and itself only (the `shared_prefix` mask). Returns (ids, targets, positions, documents)."""
+    k = shared_prefix_len(sequences, targets)
+    ids, tgt, pos, doc = [sequences[0][:k]], [np.full(k, IGNORE_INDEX)], [np.arange(k)], [np.zeros(k, np.int64)]
+    for d, (s, t) in enumerate(zip(sequences, targets, strict=True), start=1):
+        ids.append(s[k:])
+        tgt.append(t[k:])
+        pos.append(np.arange(k, len(s)))
+        doc.append(np.full(len(s) - k, d))
+    return tuple(np.concatenate(x).astype(np.int64) for x in (ids, tgt, pos, doc))

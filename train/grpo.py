@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 
 from algos.grpo import AGGREGATIONS, NORMALISERS, RATIOS, clip_fractions, group_advantages, informative_groups, \
@@ -47,7 +48,7 @@ from model.generate import RolloutEngine
 from model.gpt import GPT
 from model.lora import apply_lora, disable_lora, freeze_base, init_lora_weights
 from model.tokenizer import Tokenizer
-from train.batching import ChatBatches
+from train.batching import ChatBatches, pack_shared_prefix
 from train.config import (
     CheckpointConfig, LogConfig, LoRAConfig, ModelSource, OptimConfig, ParallelConfig, PromptDataConfig, parse_config,
     resolve_model, to_dict,
@@ -98,6 +99,9 @@ class GRPOSettings:
     """Leave completions that hit max_completion_len out of the loss (DAPO's overlong filtering)."""
     skip_uniform_groups: bool = False
     """Leave groups whose rewards are all equal out of the loss (they teach nothing); counted."""
+    share_prompt: bool = True
+    """Score a prompt's completions in one row, the prompt once (its forward and backward done once per
+    group in a micro-batch, not once per completion); the same log-probs. false: a row per completion."""
     log_completions_every: int = 10
     """Print two completions with their rewards, and write the step's to completions.jsonl, every N steps."""
 
@@ -302,15 +306,13 @@ def main(cfg: GRPOConfig, reward_funcs: list[Callable] | None = None) -> dict:
         for start in range(0, len(completions), cfg.micro_batch):
             rows_mb = range(start, start + cfg.micro_batch)
             batch = completion_batch([prompt_ids[i] for i in rows_mb], [completions[i] for i in rows_mb],
-                                     [sampler_logps[i] for i in rows_mb], tokenizer.pad_id or 0, dist.device)
+                                     [sampler_logps[i] for i in rows_mb], tokenizer.pad_id or 0, dist.device,
+                                     cfg.grpo.share_prompt)
             batch["advantages"] = advantages[start:start + cfg.micro_batch].to(dist.device)
-            batch["loss_mask"] = (batch["targets"] != IGNORE_INDEX) & in_loss[start:start + cfg.micro_batch,
-                                                                              None].to(dist.device)
+            batch["loss_mask"] = batch["completion_mask"] & in_loss[start:start + cfg.micro_batch, None].to(dist.device)
             if cfg.grpo.beta:
                 with torch.no_grad(), autocast(cfg.parallel, dist), disable_lora(ref_model or model):
-                    batch["ref_logps"] = (ref_model or model)(
-                        batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"],
-                        logprobs=True, temperature=cfg.grpo.temperature)
+                    batch["ref_logps"] = completion_logps(ref_model or model, batch, cfg.grpo.temperature)
             normaliser += NORMALISERS[cfg.grpo.loss_type](batch["loss_mask"], cfg.grpo.max_completion_len)
             micro_batches.append(batch)
         times["reference"] = time.perf_counter() - t0
@@ -374,8 +376,7 @@ def main(cfg: GRPOConfig, reward_funcs: list[Callable] | None = None) -> dict:
         token_stats = torch.zeros(5, device=dist.device)  # clipped low, clipped high, kl, sampler mismatch, tokens
         for batch in micro_batches:
             with autocast(cfg.parallel, dist):
-                logps = model(batch["input_ids"], position_ids=batch["position_ids"], targets=batch["targets"],
-                              logprobs=True, temperature=cfg.grpo.temperature)  # (B, T), 0 off the completion
+                logps = completion_logps(model, batch, cfg.grpo.temperature)  # (B, C), 0 past each completion
             mask = batch["loss_mask"]
             # mu = 1: pi_old is the policy itself (ratio 1, the plain policy gradient); mu > 1: the sampler's.
             old_logps = None if cfg.grpo.mu == 1 else batch["old_logps"]
@@ -475,21 +476,68 @@ def import_function(path: str) -> Callable:
 
 
 def completion_batch(prompts: list[list[int]], completions: list[list[int]], sampler_logps: list[list[float]],
-                     pad_id: int, device) -> dict:
-    """Rows prompt + completion, right-padded: {input_ids, targets, position_ids, old_logps} (B, T).
-    targets score the completion's tokens only; old_logps[t] is the sampler's log-prob of targets[t]."""
-    B, T = len(prompts), max(len(p) + len(c) for p, c in zip(prompts, completions))
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    old_logps = torch.zeros(B, T)
-    for b, (p, c, lp) in enumerate(zip(prompts, completions, sampler_logps)):
-        P, C = len(p), len(c)
-        input_ids[b, :P + C] = torch.tensor(p + c)
-        targets[b, P - 1:P - 1 + C] = torch.tensor(c, dtype=torch.long)  # position t predicts token t + 1
-        old_logps[b, P - 1:P - 1 + C] = torch.tensor(lp, dtype=torch.float32)
-    position_ids = torch.arange(T).repeat(B, 1)
-    batch = {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "old_logps": old_logps}
+                     pad_id: int, device, share_prompt: bool = True) -> dict:
+    """Training rows for N completions, and the map from them back to each completion's tokens.
+
+    Rows: one per completion (prompt + completion), or with share_prompt one per prompt, its
+    completions continuing it as documents 1, 2, ... of a shared-prefix row (consecutive completions of
+    the same prompt share it: the prompt's forward is done once per group, not G times):
+    input_ids, targets, position_ids (R, T) [, document_ids].
+    Completions: index (N, C), where in the flattened (R * T) rows the target is completion token c;
+    completion_mask (N, C); old_logps (N, C), the sampler's log-prob of completion token c."""
+    N, C = len(completions), max(1, max(len(c) for c in completions))
+    index = torch.zeros(N, C, dtype=torch.long)
+    completion_mask = torch.zeros(N, C, dtype=torch.bool)
+    old_logps = torch.zeros(N, C)
+    groups = [[0]]  # completions of one row
+    for i in range(1, N):
+        if share_prompt and prompts[i] == prompts[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    rows = []  # (ids, targets, positions, documents) per row; `starts[i]`: where completion i's targets begin
+    starts = {}
+    for group in groups:
+        P = len(prompts[group[0]])
+        seqs = [np.asarray(prompts[i] + completions[i], dtype=np.int64) for i in group]
+        tgts = [np.concatenate([np.full(P - 1, IGNORE_INDEX), s[P:], [IGNORE_INDEX]]) for s in seqs]  # t predicts t + 1
+        if len(group) == 1:
+            rows.append((seqs[0], tgts[0], np.arange(len(seqs[0])), None))
+            starts[group[0]] = (len(rows) - 1, P - 1)
+            continue
+        ids, tgt, pos, doc = pack_shared_prefix(seqs, tgts)
+        k = int((doc == 0).sum())  # the shared prompt tokens
+        for d, i in enumerate(group, start=1):
+            starts[i] = (len(rows), int(np.flatnonzero(doc == d)[0]) + P - 1 - k)
+        rows.append((ids, tgt, pos, doc))
+    R, T = len(rows), max(len(r[0]) for r in rows)
+    batch = {"input_ids": torch.full((R, T), pad_id, dtype=torch.long),
+             "targets": torch.full((R, T), IGNORE_INDEX, dtype=torch.long),
+             "position_ids": torch.zeros((R, T), dtype=torch.long)}
+    if share_prompt:
+        batch["document_ids"] = torch.full((R, T), -1, dtype=torch.long)
+    for r, (ids, tgt, pos, doc) in enumerate(rows):
+        batch["input_ids"][r, :len(ids)] = torch.as_tensor(ids)
+        batch["targets"][r, :len(ids)] = torch.as_tensor(tgt)
+        batch["position_ids"][r, :len(ids)] = torch.as_tensor(pos)
+        if share_prompt:  # a row of one completion is one document that is its own prefix
+            batch["document_ids"][r, :len(ids)] = torch.as_tensor(doc) if doc is not None else 0
+    for i, (c, lp) in enumerate(zip(completions, sampler_logps)):
+        r, start = starts[i]
+        index[i, :len(c)] = r * T + start + torch.arange(len(c))
+        completion_mask[i, :len(c)] = True
+        old_logps[i, :len(c)] = torch.tensor(lp, dtype=torch.float32)
+    batch.update(index=index, completion_mask=completion_mask, old_logps=old_logps)
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def completion_logps(model, batch, temperature: float) -> torch.Tensor:
+    """Per-token log-probs of each completion's tokens (N, C), 0 past its end, under softmax(logits /
+    temperature), through the chunked per-token head over completion_batch's rows."""
+    token_logps = model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch.get("document_ids"),
+                        shared_prefix="document_ids" in batch, targets=batch["targets"], logprobs=True,
+                        temperature=temperature)  # (R, T), 0 where not scored
+    return token_logps.flatten()[batch["index"]] * batch["completion_mask"]
 
 
 if __name__ == "__main__":
