@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--vocab_size", type=int, default=None, help="override the preset's (CPU smoke runs)")
     p.add_argument("--only", choices=["ours", "trl"], default=None)
+    p.add_argument("--rows", default=None, help="comma-separated row numbers of ROWS to run (default: all)")
     p.add_argument("--worker", nargs=3, metavar=("MODE", "CACHE", "DATA"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -156,8 +157,9 @@ def main() -> None:
     header = f"| {'run':22s} | s/step | completion tokens/s | generate | score | reference | train | peak GiB |"
     print(header + "\n|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|", flush=True)
     results = {}
-    for name, mode, cache in ROWS:
-        if args.only and mode != args.only:
+    picked = None if args.rows is None else {int(i) for i in args.rows.split(",")}
+    for i, (name, mode, cache) in enumerate(ROWS):
+        if (args.only and mode != args.only) or (picked is not None and i not in picked):
             continue
         cmd = [sys.executable, __file__, "--worker", mode, cache or "none", str(data), "--model", args.model,
                "--prompts", str(args.prompts), "--G", str(args.G), "--micro_batch", str(args.micro_batch),

@@ -33,6 +33,20 @@ try:  # FlexAttention block masks for packed sequences on GPU (torch >= 2.5).
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # pragma: no cover
     BlockMask, flex_attention = None, None
+_compiled_flex_attention = None
+
+
+def fused_flex_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """FlexAttention as one fused kernel: eager FlexAttention materialises every score, so outside a
+    compiled block it runs through torch.compile (built on first use: compiling costs imports)."""
+    global _compiled_flex_attention
+    # Inside a compiled block it is traced into the block's graph; on the CPU (tests only: the loops
+    # use dense masks there) eager is enough.
+    if torch.compiler.is_compiling() or q.device.type != "cuda":
+        return flex_attention(q, k, v, **kwargs)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention)
+    return _compiled_flex_attention(q, k, v, **kwargs)
 
 
 class RMSNorm(nn.Module):
@@ -166,7 +180,9 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         gqa = cfg.num_kv_heads != cfg.num_heads
         if BlockMask is not None and isinstance(mask, BlockMask):
-            y = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+            # One dtype for all three: under autocast RoPE leaves q and k in float32 (SDPA casts them
+            # itself; FlexAttention's kernel refuses mixed dtypes).
+            y = fused_flex_attention(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask, enable_gqa=gqa)
         elif isinstance(mask, Tensor) and T == 1 and gqa and mask.shape[1] == 1:
             # One query per row (a decode step): the H/K query heads that share a key/value head
             # become H/K queries of that head, so SDPA needs no GQA and keeps a fused kernel. With a

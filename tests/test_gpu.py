@@ -82,6 +82,34 @@ def test_shared_prefix_flex_mask_matches_dense_mask_with_gradient():
         torch.testing.assert_close(g, p.grad, rtol=0, atol=1e-4 * p.grad.abs().max().item())
 
 
+def test_checkpointed_compiled_blocks_give_the_plain_gradient_with_packed_rows():
+    """train.parallel's activation checkpointing around compiled blocks, under bf16 autocast, on
+    shared-prefix rows (FlexAttention): the loss and gradient of the plain eager model."""
+    from train.config import ParallelConfig
+    from train.dist import DistInfo
+    from train.parallel import parallelize
+
+    dist = DistInfo(0, 1, 0, torch.device("cuda"))
+    docs = torch.tensor([[0] * 90 + [1] * 70 + [2] * 60 + [-1] * 36] * 2, device="cuda")
+    pos = torch.cat([torch.arange(90), torch.arange(90, 160), torch.arange(90, 150), torch.zeros(36, dtype=torch.long)])
+    pos = pos.cuda()[None].expand(2, -1)
+    ids = torch.randint(0, 512, (2, 256), device="cuda")
+    targets = torch.where(docs > 0, torch.randint(0, 512, (2, 256), device="cuda"), -100)
+    results = []
+    for ac, compile in ((False, False), (True, True), (False, True)):
+        model = _tiny()
+        model = parallelize(model, ParallelConfig(activation_checkpointing=ac, compile=compile), dist)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids, position_ids=pos, document_ids=docs, shared_prefix=True, targets=targets, logprobs=True)
+        out.sum().backward()
+        results.append((out.detach(), [p.grad.float() for p in model.parameters()]))
+    (out0, grads0) = results[0]
+    for out, grads in results[1:]:
+        torch.testing.assert_close(out, out0, rtol=0, atol=0.05)  # bf16: fused kernels round differently
+        for g, g0 in zip(grads, grads0):
+            torch.testing.assert_close(g, g0, rtol=0, atol=0.05 * g0.abs().max().item())
+
+
 def test_generation_on_gpu_equals_cpu():
     from model.generate import generate
 
