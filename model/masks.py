@@ -53,13 +53,15 @@ def document_block_mask(document_ids: Tensor, sliding_window: int | None = None,
     on the device of document_ids; every layer shares it."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    # Out of place only: an in-place `|=` here fails to compile ("Buffers cannot be created while
+    # lowering a pointwise subgraph", torch 2.11).
     def mask_mod(b, h, q_idx, kv_idx):
         same = document_ids[b, q_idx] == document_ids[b, kv_idx]
         if shared_prefix:
-            same |= document_ids[b, kv_idx] == 0
+            same = same | (document_ids[b, kv_idx] == 0)
         allowed = (q_idx >= kv_idx) & same
         if sliding_window is not None:
-            allowed &= q_idx - kv_idx < sliding_window
+            allowed = allowed & (q_idx - kv_idx < sliding_window)
         return allowed
 
     B, T = document_ids.shape
