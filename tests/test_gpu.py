@@ -105,9 +105,10 @@ def test_checkpointed_compiled_blocks_give_the_plain_gradient_with_packed_rows()
         results.append((out.detach(), [p.grad.float() for p in model.parameters()]))
     (out0, grads0) = results[0]
     for out, grads in results[1:]:
-        torch.testing.assert_close(out, out0, rtol=0, atol=0.05)  # bf16: fused kernels round differently
+        # bf16: fused kernels round differently (~0.03 here); a wrong mask moves log-probs by ~1.
+        torch.testing.assert_close(out, out0, rtol=0, atol=0.1)
         for g, g0 in zip(grads, grads0):
-            torch.testing.assert_close(g, g0, rtol=0, atol=0.05 * g0.abs().max().item())
+            torch.testing.assert_close(g, g0, rtol=0, atol=0.1 * g0.abs().max().item())
 
 
 def test_generation_on_gpu_equals_cpu():
