@@ -18,7 +18,8 @@ tiny Shakespeare and tokenized with the GPT-2 tokenizer shipped in tests/assets.
 
 s/step is the mean over the steps after warm-up (the first half), tokens/s counts each side's own real
 (unpadded) tokens of prompt + chosen and prompt + rejected, MFU counts the policy's training FLOPs only
-(6 N + attention per token, not the reference's forward) against 989 TFLOP/s, and peak memory is
+(6 N + attention per token, not the reference's forward) against 989 TFLOP/s, over those tokens (with a
+shared prompt ours runs fewer: its MFU is then the equivalent of the unshared work), and peak memory is
 torch.cuda.max_memory_allocated of the whole run.
 """
 
