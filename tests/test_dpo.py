@@ -233,3 +233,22 @@ def test_rerunning_a_finished_run_says_it_is_complete(tmp_path):
     assert result["complete"] and result["final_dir"] == str(tmp_path / "final")
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "metrics.jsonl"}
     assert before == after
+
+
+def test_kto_learns_the_preference_from_unpaired_samples(tmp_path):
+    """dpo.loss kto on the paired synthetic rows split into desirable / undesirable samples: step 1 is
+    the formula at r = z0 = 0 (lambda (1 - sigmoid(0)) = 0.5), and on held-out samples the desirable
+    ones' implied reward ends clearly above the undesirable ones', further apart than early on."""
+    run(tmp_path, "--dpo.loss", "kto")
+    train, val = metrics(tmp_path), metrics(tmp_path, "val")
+    assert train[1]["loss"] == pytest.approx(0.5, abs=1e-6) and train[1]["kl"] == pytest.approx(0.0, abs=1e-5)
+    margin = {s: val[s]["rewards/chosen"] - val[s]["rewards/rejected"] for s in (4, 12)}
+    assert margin[12] > 1.0 and margin[12] > margin[4], margin
+    assert train[12]["loss"] < train[1]["loss"]
+
+
+def test_kto_rejects_what_cannot_work(tmp_path):
+    with pytest.raises(ValueError, match="precomputed is not available for kto"):
+        run(tmp_path / "a", "--dpo.loss", "kto", "--lora", "null", "--dpo.reference", "precomputed")
+    with pytest.raises(ValueError, match="micro_batch >= 2"):
+        run(tmp_path / "b", "--dpo.loss", "kto", "--micro_batch", "1")

@@ -3,6 +3,7 @@ SimPO, ORPO), every parameter or LoRA / QLoRA adapters (`lora:`); one process or
 
     python -m train.dpo --config configs/dpo/tiny.yaml
     python -m train.dpo --config configs/dpo/qwen2.5-0.5b-hh-lora.yaml --lora.quantize nf4   # QLoRA
+    python -m train.dpo --config configs/dpo/tiny.yaml --dpo.loss kto                         # unpaired
     torchrun --nproc_per_node=8 -m train.dpo --config configs/dpo/qwen2.5-0.5b-hh-full.yaml
 
 One forward of the policy scores the chosen and the rejected response of every pair of a
@@ -26,9 +27,12 @@ other (model/masks.py's shared prefix), so the prompt's forward and backward are
 (bench/RESULTS.md: 27% fewer tokens at a 512-token prompt and 448-token responses). With
 `share_prompt: false` it is 2B rows, the chosen responses then the rejected ones.
 
-Left out on purpose: KTO's unpaired loop (its loss is in algos/dpo.py, its data in
-train/preference_data.py), packing several pairs into a row, online/iterative DPO, reward-model
-training.
+KTO (`dpo.loss: kto`) trains on unpaired samples, one row each; its reference point is the batch's
+KL estimate, the policy-reference log-ratio of mismatched rows (each prompt with the next sample's
+completion), averaged over the micro-batch on every rank, without gradient, as in the paper. So,
+as in TRL, how samples split into micro-batches and ranks changes the estimate.
+
+Left out on purpose: packing several pairs into a row, online/iterative DPO, reward-model training.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import torch
 from checkpoints.hf import export_hf
 from checkpoints.io import save_checkpoint
 from checkpoints.peft import export_lora
-from algos.dpo import dpo_loss, orpo_loss, simpo_loss
+from algos.dpo import dpo_loss, kto_loss, orpo_loss, simpo_loss
 from algos.logprobs import IGNORE_INDEX
 from model.files import read_json
 from model.gpt import GPT
@@ -57,7 +61,10 @@ from train.config import (
     CheckpointConfig, LogConfig, LoRAConfig, ModelSource, OptimConfig, ParallelConfig, PreferenceDataConfig,
     parse_config, resolve_model, to_dict,
 )
-from train.preference_data import PreferenceDataset, collate_pairs, collate_shared_prompt, format_pair
+from train.preference_data import (
+    KTODataset, PreferenceDataset, collate_kl, collate_pairs, collate_shared_prompt, collate_unpaired, format_pair,
+    format_unpaired,
+)
 from train.dist import all_reduce_sum, barrier, catch_stop_signals, setup_distributed, teardown_distributed
 from train.log import Throughput
 from train.optim import build_optimizer, clip_grad_norm_, lr_at
@@ -75,14 +82,20 @@ LENGTH_AVERAGED = ("ipo", "simpo", "orpo")
 class DPOLoss:
     """Which preference loss, and where its reference log-probs come from."""
 
-    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"
-    """sigmoid (DPO; with label_smoothing: cDPO), ipo, hinge (SLiC), robust, simpo, orpo (algos/dpo.py)."""
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto"] = "sigmoid"
+    """sigmoid (DPO; with label_smoothing: cDPO), ipo, hinge (SLiC), robust, simpo, orpo, kto (algos/dpo.py).
+    kto trains on unpaired samples (prompt/completion/label rows, or both sides of paired rows), and
+    global_batch / micro_batch count samples."""
     beta: float = 0.1
     """Inverse temperature of the implicit reward (SimPO's paper uses ~2; ORPO's lambda is this beta)."""
     label_smoothing: float = 0.0
     """sigmoid: conservative DPO's label-flip rate; robust: the known flip rate; simpo: cDPO-style smoothing."""
     simpo_gamma_beta_ratio: float = 0.5
     """SimPO's target reward margin gamma, as gamma / beta."""
+    kto_desirable_weight: float = 1.0
+    """KTO's lambda_D (the paper: keep lambda_D n_D / (lambda_U n_U) within [1, 4/3])."""
+    kto_undesirable_weight: float = 1.0
+    """KTO's lambda_U."""
     reference: Literal["auto", "copy", "adapters_off", "precomputed", "none"] = "auto"
     """auto: none for simpo/orpo, adapters_off with LoRA, else copy. precomputed: one pass before
     training, stored in the run folder and reused on resume."""
@@ -161,19 +174,26 @@ def main(cfg: DPOConfig) -> dict:
     reference = pick_reference(cfg.dpo, cfg.lora)
     data_args = dict(tokenizer=tokenizer, max_len=cfg.data.max_len, max_prompt_len=cfg.data.max_prompt_len,
                      truncation=cfg.data.truncation, on_bad_row=cfg.data.on_bad_row, progress=dist.is_main)
-    train_set = PreferenceDataset(cfg.data.train, **data_args)
+    kto = cfg.dpo.loss == "kto"
+    Dataset = KTODataset if kto else PreferenceDataset
+    if kto and cfg.micro_batch < 2:
+        raise ValueError("dpo.loss kto needs micro_batch >= 2: its reference point pairs each prompt with "
+                         "another sample's completion")
+    train_set = Dataset(cfg.data.train, **data_args)
     logger.print(train_set.summary())
-    logger.print("one training pair, scored tokens in [[...]]:\n" + format_pair(tokenizer, train_set[0]))
+    logger.print(f"one training {'sample' if kto else 'pair'}, scored tokens in [[...]]:\n" +
+                 (format_unpaired if kto else format_pair)(tokenizer, train_set[0]))
     if cfg.global_batch % (cfg.micro_batch * dist.world_size):
         raise ValueError(f"global_batch {cfg.global_batch} must be a multiple of micro_batch {cfg.micro_batch} "
                          f"x world size {dist.world_size}")
     accum_steps = cfg.global_batch // (cfg.micro_batch * dist.world_size)
-    collate = functools.partial(collate_indexed_pairs, share_prompt=cfg.dpo.share_prompt)
+    collate = (functools.partial(collate_indexed_kto, max_len=cfg.data.max_len) if kto else
+               functools.partial(collate_indexed_pairs, share_prompt=cfg.dpo.share_prompt))
     train_data = ChatBatches(train_set, cfg.micro_batch, dist.rank, dist.world_size, cfg.seed,
                              pin_memory=dist.device.type == "cuda", collate=collate)
     val_data = None
     if cfg.data.val:
-        val_data = ChatBatches(PreferenceDataset(cfg.data.val, **data_args), cfg.micro_batch, dist.rank,
+        val_data = ChatBatches(Dataset(cfg.data.val, **data_args), cfg.micro_batch, dist.rank,
                                dist.world_size, cfg.seed, collate=collate)
     steps = cfg.steps or cfg.epochs * train_data.batches_per_epoch()
 
@@ -222,6 +242,18 @@ def main(cfg: DPOConfig) -> dict:
         with autocast(cfg.parallel, dist), disable_lora(net):
             return sequence_logps(net, batch)
 
+    @torch.no_grad()
+    def kto_reference_point(batch) -> torch.Tensor | None:
+        """KTO's z0: the mean policy-reference log-ratio of the batch's mismatched rows, over every rank
+        (rows of padding excluded); None for the paired losses."""
+        if not kto:
+            return None
+        mismatched = {k.removeprefix("kl_"): v for k, v in batch.items() if k.startswith("kl_")}
+        with autocast(cfg.parallel, dist):
+            ratio = sequence_logps(model, mismatched) - reference_logps(mismatched)
+        total = all_reduce_sum(torch.stack([(ratio * batch["weight"]).sum(), batch["weight"].sum()]))
+        return total[0] / total[1].clamp(min=1)
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = build_optimizer(model, cfg.optim, dist.device)
 
@@ -259,16 +291,19 @@ def main(cfg: DPOConfig) -> dict:
     def evaluate() -> dict:
         """The step's metrics over the validation pairs, mean per pair."""
         model.eval()
-        totals = torch.zeros(len(PAIR_STATS) + 2, device=dist.device)  # stats, loss sum, pairs
+        names = stat_names(cfg.dpo.loss)
+        totals = torch.zeros(2, len(names) + 1, device=dist.device)  # (sums, counts) of the stats and the loss
         for batch in val_data.iter_eval(cfg.eval_batches):
             batch = to_device(batch, dist.device)
             with autocast(cfg.parallel, dist):
                 logps = sequence_logps(model, batch)
-            losses, stats = pair_losses(cfg.dpo, logps, reference_logps(batch, "val"), batch)
-            totals += torch.cat([stats, (losses * batch["weight"]).sum()[None], batch["weight"].sum()[None]])
-        all_reduce_sum(totals)
+            losses, stats = pair_losses(cfg.dpo, logps, reference_logps(batch, "val"), batch, kto_reference_point(batch))
+            loss = torch.stack([(losses * batch["weight"]).sum(), batch["weight"].sum()])
+            totals += torch.cat([stats, loss[:, None]], dim=1)
+        totals = all_reduce_sum(totals)
+        means = totals[0] / totals[1].clamp(min=1)
         model.train()
-        return {"loss": totals[-2] / totals[-1], **dict(zip(PAIR_STATS, totals[:-2] / totals[-1]))}
+        return {"loss": means[-1], **dict(zip(names, means[:-1]))}
 
     # ---- the step loop: the same lines in every loop (tests/test_skeleton.py), but for the algorithm's
     model.train()
@@ -283,17 +318,18 @@ def main(cfg: DPOConfig) -> dict:
         # step's loss is the mean over its pairs (all micro-batches, all ranks)
         micro_batches = [train_data.next_batch() for _ in range(accum_steps)]
         loss_sum = torch.zeros((), device=dist.device)
-        stat_sums = torch.zeros(len(PAIR_STATS), device=dist.device)
+        stat_sums = torch.zeros(2, len(stat_names(cfg.dpo.loss)), device=dist.device)  # sums, counts
         for batch in micro_batches:
             batch = to_device(batch, dist.device)
             with autocast(cfg.parallel, dist):
                 logps = sequence_logps(model, batch)  # (2B,) summed log-probs of each response
-            losses, stats = pair_losses(cfg.dpo, logps, reference_logps(batch), batch)  # (B,)
+            losses, stats = pair_losses(cfg.dpo, logps, reference_logps(batch), batch, kto_reference_point(batch))
             loss = losses.sum() / cfg.global_batch
             loss.backward()
             loss_sum += loss.detach()
             stat_sums += stats
-        step_metrics = dict(zip(PAIR_STATS, all_reduce_sum(stat_sums) / cfg.global_batch))
+        stat_sums = all_reduce_sum(stat_sums)
+        step_metrics = dict(zip(stat_names(cfg.dpo.loss), stat_sums[0] / stat_sums[1].clamp(min=1)))
         # <<< algorithm
         # One all-reduce for the loss and the stop flag (any rank told to stop stops them all).
         step_stats = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop_signal["stop"]), device=dist.device)]))
@@ -347,6 +383,13 @@ def main(cfg: DPOConfig) -> dict:
 # Per-pair metrics, with TRL's names: summed over pairs (weighted) by pair_losses, divided by the count.
 PAIR_STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
               "logps/rejected")
+# KTO's: chosen are the desirable samples, rejected the undesirable ones, each averaged over its own
+# count; kl is the reference point z0 before clamping.
+KTO_STATS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl")
+
+
+def stat_names(loss: str) -> tuple[str, ...]:
+    return KTO_STATS if loss == "kto" else PAIR_STATS
 
 
 def pick_reference(loss_cfg: DPOLoss, lora_cfg: LoRAConfig | None) -> str:
@@ -356,6 +399,9 @@ def pick_reference(loss_cfg: DPOLoss, lora_cfg: LoRAConfig | None) -> str:
         reference = "none" if loss_cfg.loss in REFERENCE_FREE else ("adapters_off" if lora_cfg else "copy")
     if loss_cfg.loss in REFERENCE_FREE and reference != "none":
         raise ValueError(f"dpo.loss {loss_cfg.loss} uses no reference policy; set dpo.reference to none or auto")
+    if loss_cfg.loss == "kto" and reference == "precomputed":
+        raise ValueError("dpo.reference precomputed is not available for kto: its mismatched rows change with "
+                         "every batch (use copy, or adapters_off with LoRA)")
     if loss_cfg.loss not in REFERENCE_FREE and reference == "none":
         raise ValueError(f"dpo.loss {loss_cfg.loss} needs a reference policy (dpo.reference copy, adapters_off "
                          "or precomputed)")
@@ -368,6 +414,16 @@ def collate_indexed_pairs(samples, pad_id, share_prompt: bool = True) -> dict:
     """collate_shared_prompt (B rows) or collate_pairs (2B rows), plus each pair's dataset index (for
     precomputed reference log-probs) and weight (0 on evaluation's rows of padding)."""
     batch = (collate_shared_prompt if share_prompt else collate_pairs)(samples, pad_id)
+    batch["index"] = torch.tensor([s["index"] for s in samples])
+    batch["weight"] = torch.tensor([s["weight"] for s in samples])
+    return batch
+
+
+def collate_indexed_kto(samples, pad_id, max_len: int) -> dict:
+    """collate_unpaired (B rows and their labels), the mismatched rows of KTO's reference point under
+    kl_ keys (collate_kl), and each sample's index and weight (0 on evaluation's rows of padding)."""
+    batch = collate_unpaired(samples, pad_id)
+    batch.update({f"kl_{k}": v for k, v in collate_kl(samples, pad_id, max_len).items()})
     batch["index"] = torch.tensor([s["index"] for s in samples])
     batch["weight"] = torch.tensor([s["weight"] for s in samples])
     return batch
@@ -391,12 +447,23 @@ def per_response(token_values, batch) -> torch.Tensor:
     return torch.cat([(token_values * (doc == 1)).sum(-1), (token_values * (doc == 2)).sum(-1)])
 
 
-def pair_losses(loss_cfg: DPOLoss, logps, ref_logps, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(losses (B,), the PAIR_STATS summed over the batch's pairs) from the policy's and the
-    reference's summed response log-probs (2B,): chosen rows first, then rejected. Rows of padding
-    (weight 0) count for nothing."""
+def pair_losses(loss_cfg: DPOLoss, logps, ref_logps, batch, kl=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(losses (B,), stats (2, n): the stat_names' sums over the batch and the counts they average over)
+    from the policy's and the reference's summed response log-probs (2B,): chosen rows first, then
+    rejected; for KTO (B,) unpaired samples and kl, the reference point. Rows of padding (weight 0)
+    count for nothing."""
     weight = batch["weight"]  # (B,)
     B = weight.shape[0]
+    if loss_cfg.loss == "kto":
+        desirable = batch["label"]
+        losses, _, _ = kto_loss(logps, ref_logps, desirable, kl, loss_cfg.beta, loss_cfg.kto_desirable_weight,
+                                loss_cfg.kto_undesirable_weight)
+        rewards = loss_cfg.beta * (logps - ref_logps).detach()
+        d, u = weight * desirable, weight * ~desirable
+        sums = torch.stack([(rewards * d).sum(), (rewards * u).sum(), (logps.detach() * d).sum(),
+                            (logps.detach() * u).sum(), kl * weight.sum()])
+        counts = torch.stack([d.sum(), u.sum(), d.sum(), u.sum(), weight.sum()])
+        return losses * weight, torch.stack([sums, counts.to(sums)])
     if loss_cfg.loss in LENGTH_AVERAGED:  # those losses compare per-token means, not sums
         n_tokens = per_response((batch["targets"] != IGNORE_INDEX).long(), batch).clamp(min=1)  # (2B,)
         logps = logps / n_tokens
@@ -413,7 +480,8 @@ def pair_losses(loss_cfg: DPOLoss, logps, ref_logps, batch) -> tuple[torch.Tenso
     losses = losses * weight
     stats = torch.stack([chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
                          chosen_rewards - rejected_rewards, chosen.detach(), rejected.detach()])  # (6, B)
-    return losses, (stats * weight).sum(-1)
+    sums = (stats * weight).sum(-1)
+    return losses, torch.stack([sums, weight.sum().expand_as(sums)])
 
 
 def reference_fingerprint(cfg: DPOConfig, ckpt_dir, tokenizer_dir) -> str:
