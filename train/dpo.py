@@ -1,5 +1,6 @@
 """Preference optimisation on pairs of responses: DPO and its family (cDPO, IPO, hinge, robust,
-SimPO, ORPO), every parameter or LoRA / QLoRA adapters (`lora:`); one process or FSDP2 under torchrun.
+SimPO, ORPO; KTO on unpaired samples), every parameter or LoRA / QLoRA adapters (`lora:`); one process
+or FSDP2 under torchrun.
 
     python -m train.dpo --config configs/dpo/tiny.yaml
     python -m train.dpo --config configs/dpo/qwen2.5-0.5b-hh-lora.yaml --lora.quantize nf4   # QLoRA
