@@ -38,7 +38,7 @@ def data_dir(tmp_path_factory):
 def args_for(data_dir, out_dir, *extra):
     return [
         "--config", str(ROOT / "configs/pretrain/tiny.yaml"),
-        "--out_dir", str(out_dir), "--data.dir", str(data_dir), "--model.vocab_size", "320",
+        "--out_dir", str(out_dir), "--data.dir", str(data_dir), "--data.inputs", "[]", "--model.vocab_size", "320",
         "--log.every", "1", "--sample_tokens", "0", "--eval_every", "0", "--eval_batches", "1",
         "--optim.warmup_steps", "1", "--optim.lr", "3e-3", *extra,
     ]
@@ -230,6 +230,21 @@ def test_bad_inputs_name_the_field(data_dir, tmp_path):
     with pytest.raises(ValueError, match="optim.lr"):
         run_inprocess(data_dir, tmp_path / "d", "--steps", "2", "--global_batch", "2", "--micro_batch", "2",
                       "--optim.lr", "1e-2")
+
+
+def test_a_data_dir_made_from_other_inputs_is_an_error(data_dir, tmp_path):
+    """data.dir already prepared: the same inputs reuse it; other inputs (or another split) are named
+    in an error before training, rather than trained on silently."""
+    text = data_dir.parent / "shakespeare-head.txt"
+    same = ("--data.inputs", f"[{text}]", "--data.tokenizer_vocab_size", "320", "--data.val_fraction", "0.1",
+            "--steps", "1", "--global_batch", "2", "--micro_batch", "2")
+    run_inprocess(data_dir, tmp_path / "same", *same)
+    other = tmp_path / "other.txt"
+    other.write_text(text.read_text()[:50_000])
+    with pytest.raises(ValueError, match=r"prepared from other inputs \(inputs: .*delete"):
+        run_inprocess(data_dir, tmp_path / "other", *same[:1], f"[{other}]", *same[2:])
+    with pytest.raises(ValueError, match=r"prepared from other inputs \(val_fraction"):
+        run_inprocess(data_dir, tmp_path / "split", *same[:5], "0.2", *same[6:])
 
 
 def test_every_yaml_config_parses():

@@ -26,6 +26,7 @@ def data_dir(tmp_path_factory):
 def run(data_dir, out_dir, *extra):
     return main(parse_config(PretrainConfig, [
         "--config", str(ROOT / "configs/pretrain/tiny.yaml"), "--out_dir", str(out_dir), "--data.dir", str(data_dir),
+        "--data.inputs", "[]",
         "--model.vocab_size", "320", "--log.every", "1", "--sample_tokens", "0", "--eval_every", "0",
         "--eval_batches", "1", "--optim.warmup_steps", "1", "--optim.lr", "3e-3", "--global_batch", "2",
         "--micro_batch", "2", "--checkpoint.export_hf", "false", *extra]))

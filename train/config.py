@@ -280,7 +280,7 @@ FIELD_BOUNDS: dict[str, Bound] = {
     "weight_decay": AT_LEAST_0, "grad_clip": AT_LEAST_0, "simpo_gamma_beta_ratio": AT_LEAST_0,
     "beta": AT_LEAST_0, "epsilon": AT_LEAST_0, "epsilon_high": AT_LEAST_0, "epsilon_low": AT_LEAST_0,
     "clip_low": BELOW_1, "clip_high": AT_LEAST_0,  # the ratio is clipped to [1 - clip_low, 1 + clip_high]
-    "reward_weights": AT_LEAST_0,
+    "reward_weights": AT_LEAST_0, "kto_desirable_weight": AT_LEAST_0, "kto_undesirable_weight": AT_LEAST_0,
     # fractions
     "min_lr_ratio": UNIT, "betas": BELOW_1, "val_fraction": BELOW_1, "dropout": BELOW_1,
     "top_p": Bound(0, 1, lo_open=True),

@@ -331,6 +331,28 @@ def _empty_corpus_error(inputs, text_field):
     return ValueError(f"no documents (no tokens) in the inputs: {names} (text field {text_field!r})")
 
 
+def source_record(inputs, tokenizer_dir=None, text_field="text", val_fraction=0.005, vocab_size=4096) -> dict:
+    """What a dataset was made from, kept in meta.json as "source": each input's file name and size, and
+    how it was tokenized and split (names and sizes rather than paths, contents or times: cheap on a
+    large corpus, and the same after the repository moves, a copy or a touch). A loop that finds a
+    data.dir made from other inputs says so."""
+    return {"inputs": [[Path(p).name, Path(p).stat().st_size] for p in inputs],
+            "tokenizer": Path(tokenizer_dir).name if tokenizer_dir else f"trained, vocab {vocab_size}",
+            "text_field": text_field, "val_fraction": val_fraction}
+
+
+def source_mismatch(meta: dict, record: dict) -> str | None:
+    """What differs between a dataset's recorded source and `record` (None when nothing does, or when
+    the dataset predates the record)."""
+    saved = meta.get("source")
+    if saved is None:
+        return None
+    for key in record:
+        if saved.get(key) != record[key]:
+            return f"{key}: the folder has {saved.get(key)!r}, the config asks for {record[key]!r}"
+    return None
+
+
 def prepare(inputs, out_dir, tokenizer_dir=None, text_field="text", val_fraction=0.005, workers=None,
             shard_tokens=100_000_000, vocab_size=4096, progress=True):
     """Tokenize the input files into token shards and meta.json in out_dir; return the meta dict.
@@ -367,7 +389,8 @@ def prepare(inputs, out_dir, tokenizer_dir=None, text_field="text", val_fraction
     work.mkdir(parents=True)
     try:
         meta = _write_dataset(inputs, work, out_dir, tokenizer_dir, text_field, val_fraction, workers,
-                              shard_tokens, vocab_size, progress)
+                              shard_tokens, vocab_size, progress,
+                              source_record(inputs, tokenizer_dir, text_field, val_fraction, vocab_size))
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(work, out_dir)
@@ -402,7 +425,7 @@ def _check_replaceable(out_dir):
 
 
 def _write_dataset(inputs, work, out_dir, tokenizer_dir, text_field, val_fraction, workers, shard_tokens,
-                   vocab_size, progress):
+                   vocab_size, progress, source):
     """prepare's work, into the folder `work`; meta.json names out_dir's tokenizer, where it will be."""
     final_tokenizer = None
     if tokenizer_dir is None:
@@ -465,6 +488,7 @@ def _write_dataset(inputs, work, out_dir, tokenizer_dir, text_field, val_fractio
         "tokenizer": str((final_tokenizer or tokenizer_dir).resolve()),
         "num_docs": num_docs,
         "shards": shards,
+        "source": source,
     }
     (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta

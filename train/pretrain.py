@@ -30,7 +30,7 @@ from train.batching import TokenWindows, num_targets, to_device
 from train.config import (
     CheckpointConfig, LogConfig, ModelSource, OptimConfig, ParallelConfig, parse_config, resolve_model, to_dict,
 )
-from train.corpus import load_meta, prepare, unigram_baseline
+from train.corpus import load_meta, prepare, source_mismatch, source_record, unigram_baseline
 from train.dist import all_reduce_sum, barrier, catch_stop_signals, setup_distributed, teardown_distributed
 from train.log import Throughput
 from train.optim import build_optimizer, clip_grad_norm_, lr_at
@@ -46,7 +46,8 @@ class PretrainData:
     dir: str = "runs/data/shakespeare"
     """Folder with meta.json and the token shards."""
     inputs: list[str] = field(default_factory=list)
-    """Text/JSONL/Parquet files to tokenize into `dir` if it holds no meta.json yet."""
+    """Text/JSONL/Parquet files to tokenize into `dir` if it holds no meta.json yet; a `dir` made from
+    other inputs (names, sizes, tokenizer or split differ) is an error. [] uses `dir` as it is."""
     tokenizer: str | None = None
     """Tokenizer folder for preparing; None trains a byte-level BPE tokenizer on the inputs."""
     tokenizer_vocab_size: int = 2048
@@ -120,6 +121,15 @@ def main(cfg: PretrainConfig) -> dict:
                 val_fraction=cfg.data.val_fraction, vocab_size=cfg.data.tokenizer_vocab_size)
     barrier()
     meta = load_meta(data_dir)
+    # A data.dir made earlier from other inputs would train on the wrong text, silently. (Inputs deleted
+    # since the folder was made are no reason to stop.)
+    if cfg.data.inputs and all(Path(p).is_file() for p in cfg.data.inputs):
+        wanted = source_record(cfg.data.inputs, cfg.data.tokenizer, cfg.data.text_field, cfg.data.val_fraction,
+                               cfg.data.tokenizer_vocab_size)
+        mismatch = source_mismatch(meta, wanted)
+        if mismatch:
+            raise ValueError(f"data.dir {data_dir} was prepared from other inputs ({mismatch}); point data.dir at a "
+                             f"new folder, or delete {data_dir} to tokenize again")
     seq_len = cfg.data.seq_len
     global_batch = cfg.global_batch
     if cfg.global_batch_tokens:
