@@ -23,9 +23,12 @@ memory, turn the check off in the loop's config.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -265,8 +268,43 @@ def _like_in_memory(net: torch.nn.Module, settings: dict) -> torch.nn.Module:
 # ----------------------------------------------------------------------------- transformers / peft
 
 
+@contextlib.contextmanager
+def _quiet_third_party_logs():
+    """The reference load is a check, not the user's load: its noise is kept out of the run's output.
+    transformers imports torchao when it is installed, and on a CPU build torchao logs that its CUDA
+    kernels failed to load (a newcomer reads "Failed to load" as our error) and torch that torchao
+    registers enums it need not; transformers draws a weight-loading bar, and peft calls a deprecated
+    transformers method (a FutureWarning)."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        hf_logging = None
+    bar = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if bar:
+        hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def _reference_parts(final_dir: Path, adapter: bool, base_dir, probe: torch.Tensor, atol: float, rtol: float) -> dict:
     """transformers (and peft) load the export; compared in float32 with our load of the same files."""
+    with _quiet_third_party_logs():
+        return _reference_parts_loud(final_dir, adapter, base_dir, probe, atol, rtol)
+
+
+def _reference_parts_loud(final_dir: Path, adapter: bool, base_dir, probe: torch.Tensor, atol: float,
+                          rtol: float) -> dict:
     try:
         import transformers
     except ImportError:
