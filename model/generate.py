@@ -47,7 +47,8 @@ memory-bandwidth limit inside the training process (no second inference server, 
   exactly what a teacher-forced forward gives (`model(ids, targets=t, logprobs=True,
   temperature=temperature)`). Greedy (temperature 0) reports the unscaled, unfiltered
   log-probability. GRPO's old-policy log-probs should come from sampling without top-k / top-p,
-  or the trainer must apply the same filter.
+  or the trainer must apply the same filter. `return_entropies` adds the entropy of that same
+  distribution at every step (GRPO logs its mean: the policy's entropy where it sampled).
 - Precision and the snapshot: `dtype` is the compute dtype, and generation runs under autocast to it
   as training does (float32 master weights, bf16 matmuls, a bf16 cache). A float32 policy would then
   have every weight cast on every token, and LoRA adds two small matmuls per layer; so on CUDA the
@@ -102,17 +103,19 @@ def sample_next(
     *,
     noise: Tensor | None = None,
     return_logprobs: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
     """Next token ids (B,) from logits (B, V). temperature 0 is greedy (argmax; top_k and top_p
     are then irrelevant). Filters apply in transformers' order: temperature, top-k, top-p.
 
     noise (B, V): Exp(1) draws to use instead of drawing from `generator` (the engine draws them
     outside its compiled step). return_logprobs: also log p(token) (B,) float32 under the distribution
-    the token was drawn from (after temperature and the filters; greedy: the unscaled softmax)."""
+    the token was drawn from (after temperature and the filters; greedy: the unscaled softmax).
+    return_entropy: also that distribution's entropy (B,) float32, in nats (after the logprobs)."""
     logits = logits.float()
     if temperature == 0:
         token = logits.argmax(dim=-1)
-        return (token, _gather_logprob(logits, token)) if return_logprobs else token
+        return _with_stats(token, logits, return_logprobs, return_entropy)
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
@@ -133,12 +136,20 @@ def sample_next(
     if noise is None:
         noise = torch.empty_like(probs).exponential_(1, generator=generator)
     token = (probs / noise).argmax(dim=-1)
-    return (token, _gather_logprob(logits, token)) if return_logprobs else token
+    return _with_stats(token, logits, return_logprobs, return_entropy)
 
 
-def _gather_logprob(logits: Tensor, token: Tensor) -> Tensor:
-    """log softmax(logits)[token] per row, float32 (B,), without keeping the (B, V) log-probs."""
-    return logits.gather(-1, token[:, None])[:, 0] - logits.logsumexp(dim=-1)
+def _with_stats(token: Tensor, logits: Tensor, logprob: bool, entropy: bool):
+    """token, then what was asked of the distribution softmax(logits) it was drawn from: log p(token)
+    and the entropy -sum p log p (entr: 0 where a filter set p to 0), each (B,) float32."""
+    if not (logprob or entropy):
+        return token
+    out = (token,)
+    if logprob:  # log softmax(logits)[token], without keeping the (B, V) log-probs
+        out += (logits.gather(-1, token[:, None])[:, 0] - logits.logsumexp(dim=-1),)
+    if entropy:
+        out += (torch.special.entr(logits.softmax(dim=-1)).sum(dim=-1),)
+    return out
 
 
 # ----------------------------------------------------------------------------- the simple path
@@ -158,11 +169,13 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     return_logprobs: bool = False,
+    return_entropies: bool = False,
 ):
     """The new tokens of each prompt. A row ends with the first token in `stop_ids`, which is
     included (so a caller can tell "stopped" from "ran out of budget"), or after max_new_tokens.
     With return_logprobs, (tokens, logprobs): the log-probability of each new token, as in
-    `sample_next`.
+    `sample_next`; with return_entropies the entropy of the distribution each was drawn from comes
+    after them (tokens[, logprobs], entropies), one list per prompt like the tokens.
 
     temperature 0 is greedy. Sampling draws from `generator`, else from a fresh one seeded with
     `seed`, else from torch's global generator. `pad_id` fills the left padding and the columns of
@@ -182,6 +195,7 @@ def generate(
                        padding_side="left")
     ids = F.pad(ids, (0, max_new_tokens), value=pad_id).to(device)  # (B, total)
     logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+    entropies = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
     # kv_valid: False on the left padding only; generated columns are valid as they are appended
     # (slicing [:, :S] is the mask growing). Positions count real tokens, so every row starts at 0.
     pad_len = torch.tensor([P - len(p) for p in prompts], device=device)
@@ -201,20 +215,26 @@ def generate(
         # B x P x V floats, gigabytes for a 150k vocabulary.
         logits = model(ids[:, start:S], position_ids=positions[:, start:S], attn_mask=mask, cache=cache,
                        logits_to_keep=1)[:, -1]  # (B, V)
-        token, logprob = sample_next(logits, temperature, top_k, top_p, generator, return_logprobs=True)
+        token, logprob, entropy = sample_next(logits, temperature, top_k, top_p, generator, return_logprobs=True,
+                                              return_entropy=True)
         token = torch.where(finished, pad_id, token)
         ids[:, S] = token
         logprobs[:, step] = logprob.masked_fill(finished, 0.0)
+        entropies[:, step] = entropy.masked_fill(finished, 0.0)
         S += 1
         num_new += ~finished
         finished |= torch.isin(token, stop)
         if (step + 1) % CHECK_FINISHED_EVERY == 0 and finished.all():
             break
-    new, lp, lengths = ids[:, P:S].tolist(), logprobs.tolist(), num_new.tolist()  # the transfers to the host
+    new, lengths = ids[:, P:S].tolist(), num_new.tolist()  # the transfers to the host
     tokens = [row[:n] for row, n in zip(new, lengths)]
-    if return_logprobs:
-        return tokens, [row[:n] for row, n in zip(lp, lengths)]
-    return tokens
+    return _results(tokens, lengths, logprobs if return_logprobs else None, entropies if return_entropies else None)
+
+
+def _results(tokens, lengths, logprobs: Tensor | None, entropies: Tensor | None):
+    """tokens, or (tokens[, logprobs][, entropies]) with each (rows, N) tensor cut to the row's length."""
+    extra = tuple([row[:n] for row, n in zip(t.tolist(), lengths)] for t in (logprobs, entropies) if t is not None)
+    return (tokens, *extra) if extra else tokens
 
 
 def _check_prompts(prompts) -> None:
@@ -334,7 +354,7 @@ class _Slots:
     """Per-slot decode state of one bucket: views [:b] of the engine's static buffers. A slot is a
     row of the bucket; compaction moves prompts between slots, `row` says which prompt a slot holds."""
 
-    PER_SLOT = ("token", "position", "pad_len", "finished", "row", "out_tokens", "out_logprobs", "out_len",
+    PER_SLOT = ("token", "position", "pad_len", "finished", "row", "out_tokens", "out_logprobs", "out_entropies", "out_len",
                 "budget")
 
     def __init__(self, engine: "RolloutEngine", b: int):
@@ -342,7 +362,8 @@ class _Slots:
             setattr(self, name, getattr(engine, "_" + name)[:b])
         # token (b,): fed at the next step; position (b,): its position (real tokens before it);
         # pad_len (b,): columns < pad_len are left padding, never attended; out_tokens and
-        # out_logprobs (b, N): what the slot generated; out_len (b,): how many it keeps; budget (b,).
+        # out_logprobs, out_entropies (b, N): what the slot generated; out_len (b,): how many it keeps;
+        # budget (b,).
         self.step = engine._step  # (1,) the output column of the token sampled next
         self.is_stop = engine._is_stop  # (V,) True at the stop ids
 
@@ -361,10 +382,12 @@ def decode_step(model: GPT, cache: KVCache, s: _Slots, noise: Tensor | None, tem
     bias = torch.zeros(b, 1, 1, L, dtype=dtype, device=col.device).masked_fill(~valid[:, None, None], float("-inf"))
     logits = model(s.token[:, None], position_ids=s.position[:, None], attn_mask=bias, cache=cache,
                    logits_to_keep=1)[:, -1]  # (b, V); the forward advanced cache.pos
-    token, logprob = sample_next(logits, temperature, top_k, top_p, noise=noise, return_logprobs=True)
+    token, logprob, entropy = sample_next(logits, temperature, top_k, top_p, noise=noise, return_logprobs=True,
+                                          return_entropy=True)
     token = torch.where(s.finished, pad_id, token)
     s.out_tokens[:, s.step] = token[:, None]
     s.out_logprobs[:, s.step] = logprob.masked_fill(s.finished, 0.0)[:, None]
+    s.out_entropies[:, s.step] = entropy.masked_fill(s.finished, 0.0)[:, None]
     s.out_len += ~s.finished
     s.finished |= s.is_stop[token] | (s.out_len >= s.budget)
     s.token.copy_(token)
@@ -459,6 +482,7 @@ class RolloutEngine:
         self._row = torch.zeros(Bmax, dtype=torch.long, device=dev)
         self._out_tokens = torch.zeros(Bmax, N, dtype=torch.long, device=dev)
         self._out_logprobs = torch.zeros(Bmax, N, dtype=torch.float32, device=dev)
+        self._out_entropies = torch.zeros(Bmax, N, dtype=torch.float32, device=dev)
         self._out_len = torch.zeros(Bmax, dtype=torch.long, device=dev)
         self._budget = torch.zeros(Bmax, dtype=torch.long, device=dev)
         self._step = torch.zeros(1, dtype=torch.long, device=dev)
@@ -485,6 +509,7 @@ class RolloutEngine:
         seed: int | None = None,
         generator: torch.Generator | None = None,
         return_logprobs: bool = False,
+        return_entropies: bool = False,
         compact: bool = True,
     ):
         """As `generate` (same arguments and results). max_new_tokens: at most the engine's (its
@@ -508,17 +533,19 @@ class RolloutEngine:
             self._is_stop[torch.tensor(stops, device=self.device)] = True
         sampling = (temperature, top_k, top_p, pad_id)
 
-        tokens, logprobs = [], []
+        tokens, logprobs, entropies = [], [], []
         if self.net is not self.model:
             _refresh_snapshot(self.net, self.model)
         live = full_weights(self.model) if self.net is self.model else contextlib.nullcontext()
         with live, torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
             for i in range(0, len(prompts), self.max_batch):
-                t, lp = self._generate_batch(prompts[i : i + self.max_batch], budgets[i : i + self.max_batch],
-                                             sampling, compact, seed + i)
+                t, lp, ent = self._generate_batch(prompts[i : i + self.max_batch], budgets[i : i + self.max_batch],
+                                                  sampling, compact, seed + i)
                 tokens += t
                 logprobs += lp
-        return (tokens, logprobs) if return_logprobs else tokens
+                entropies += ent
+        extra = (logprobs,) * return_logprobs + (entropies,) * return_entropies
+        return (tokens, *extra) if extra else tokens
 
     def _generate_batch(self, prompts, budgets, sampling, compact, seed):
         n, P = len(prompts), max(len(p) for p in prompts)
@@ -542,7 +569,7 @@ class RolloutEngine:
         self._budget[:b] = torch.tensor(budgets + [0] * (b - n), device=dev)
         # What each prompt generated, by prompt: slots are copied here before compaction drops them.
         self._results = (torch.zeros_like(self._out_tokens[:b]), torch.zeros_like(self._out_logprobs[:b]),
-                         torch.zeros_like(self._out_len[:b]))
+                         torch.zeros_like(self._out_entropies[:b]), torch.zeros_like(self._out_len[:b]))
         self._step.zero_()
 
         # ---- prefill: every column but the last, written into the cache at [0, P - 1)
@@ -570,8 +597,8 @@ class RolloutEngine:
                     b = smaller
 
         self._save_results(b)
-        new, lp, length = (t[:n].tolist() for t in self._results)  # the transfers to the host
-        return [r[:k] for r, k in zip(new, length)], [r[:k] for r, k in zip(lp, length)]
+        new, lp, ent, length = (t[:n].tolist() for t in self._results)  # the transfers to the host
+        return tuple([r[:k] for r, k in zip(rows, length)] for rows in (new, lp, ent))
 
     def _decode(self, b: int, sampling: tuple) -> None:
         key = (b, sampling)
@@ -602,7 +629,8 @@ class RolloutEngine:
 
     def _save_results(self, b: int) -> None:
         row = self._row[:b]
-        for result, out in zip(self._results, (self._out_tokens, self._out_logprobs, self._out_len)):
+        for result, out in zip(self._results, (self._out_tokens, self._out_logprobs, self._out_entropies,
+                                               self._out_len)):
             result[row] = out[:b]
 
     def _bucket(self, n: int) -> int:

@@ -294,6 +294,28 @@ def test_returned_logprobs_equal_teacher_forced_forward(stories):
             torch.testing.assert_close(torch.tensor(lp), teacher, rtol=0, atol=1e-4)
 
 
+def test_returned_entropies_are_those_of_the_distributions_sampled_from(stories):
+    """Entropy of each step's distribution, from the engine and the simple path, against float64
+    -sum p log p of a teacher-forced forward's logits at the temperature, restricted to the top k."""
+    ours, _ = stories
+    prompts = [[1], [1, 415, 263], [1, 9, 10, 11, 12]]
+    engine = _engine(ours)
+    for temperature, top_k in ((1.0, None), (0.7, None), (1.3, 5), (0.0, None)):
+        for run in (engine.generate, lambda p, n, **kw: generate(ours, p, n, **kw)):
+            tokens, logprobs, entropies = run(prompts, 20, temperature=temperature, top_k=top_k, seed=0,
+                                              return_logprobs=True, return_entropies=True)
+            assert run(prompts, 20, temperature=temperature, top_k=top_k, seed=0, return_entropies=True) == \
+                (tokens, entropies)
+            for prompt, new, ent in zip(prompts, tokens, entropies):
+                with torch.no_grad():
+                    logits = ours(torch.tensor([prompt + new]))[0, len(prompt) - 1 : -1].double() / (temperature or 1.0)
+                if top_k is not None:
+                    logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
+                p = logits.softmax(-1)
+                expected = -(p * torch.where(p > 0, p.log(), 0.0)).sum(-1)
+                torch.testing.assert_close(torch.tensor(ent, dtype=torch.float64), expected, rtol=0, atol=1e-4)
+
+
 def test_engine_sampling_is_reproducible(stories):
     ours, _ = stories
     prompts = [[1], [1, 415, 263], [1, 9, 10, 11, 12]]

@@ -2,6 +2,7 @@
 sampler log-probs are the trainer's, and accumulation and resume do not change what it computes."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -35,8 +36,9 @@ def test_tiny_config_runs_logs_and_exports(tmp_path):
     m = metrics(tmp_path)
     assert sorted(m) == [1, 2, 3, 4]
     for key in ("reward", "reward_std", "rewards/boxed_math", "accuracy", "completion_len", "truncated", "kl",
-                "clip/low", "clip/high", "logprob_mismatch", "time/generate", "time/score", "time/train"):
+                "entropy", "clip/low", "clip/high", "logprob_mismatch", "time/generate", "time/score", "time/train"):
         assert key in m[1], key
+    assert 0 < m[1]["entropy"] < math.log(512)  # sampled at temperature 1 from a 512-token vocabulary
     assert m[1]["reward"] == -1.0  # stories260K cannot add: every completion is wrong
     assert "accuracy" in metrics(tmp_path, "val")[4]
     final = Path(result["final_dir"])

@@ -269,10 +269,10 @@ def main(cfg: GRPOConfig, reward_funcs: list[Callable] | None = None) -> dict:
         prompt_ids = [p["prompt_ids"] for p in prompts for _ in range(G)]  # (N,) grouped: G per prompt
         # The rollout's randomness is a function of (seed, step, rank): a resumed run samples what the
         # uninterrupted one would.
-        completions, sampler_logps = engine.generate(
+        completions, sampler_logps, entropies = engine.generate(
             prompt_ids, temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p, stop_ids=tokenizer.stop_ids,
             pad_id=tokenizer.pad_id or 0, seed=(cfg.seed * 1_000_003 + step) * 1_009 + dist.rank,
-            return_logprobs=True)
+            return_logprobs=True, return_entropies=True)
         times["generate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -307,7 +307,7 @@ def main(cfg: GRPOConfig, reward_funcs: list[Callable] | None = None) -> dict:
             rows_mb = range(start, start + cfg.micro_batch)
             batch = completion_batch([prompt_ids[i] for i in rows_mb], [completions[i] for i in rows_mb],
                                      [sampler_logps[i] for i in rows_mb], tokenizer.pad_id or 0, dist.device,
-                                     cfg.grpo.share_prompt)
+                                     cfg.grpo.share_prompt, [entropies[i] for i in rows_mb])
             batch["advantages"] = advantages[start:start + cfg.micro_batch].to(dist.device)
             batch["loss_mask"] = batch["completion_mask"] & in_loss[start:start + cfg.micro_batch, None].to(dist.device)
             if cfg.grpo.beta:
@@ -373,7 +373,7 @@ def main(cfg: GRPOConfig, reward_funcs: list[Callable] | None = None) -> dict:
         micro_batches = rollout["micro_batches"]
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=dist.device)
-        token_stats = torch.zeros(5, device=dist.device)  # clipped low, clipped high, kl, sampler mismatch, tokens
+        token_stats = torch.zeros(6, device=dist.device)  # clipped low, clipped high, kl, sampler mismatch, entropy, tokens
         for batch in micro_batches:
             with autocast(cfg.parallel, dist):
                 logps = completion_logps(model, batch, cfg.grpo.temperature)  # (B, C), 0 past each completion
@@ -392,11 +392,13 @@ def main(cfg: GRPOConfig, reward_funcs: list[Callable] | None = None) -> dict:
                 low, high = clip_fractions(log_ratio, batch["advantages"], mask, cfg.grpo.clip_low, cfg.grpo.clip_high)
                 kl = mean_kl(logps, batch["ref_logps"], mask) if "ref_logps" in batch else torch.zeros(())
                 mismatch = ((logps - batch["old_logps"]).abs() * mask).sum() / n.clamp(min=1)
-                token_stats += torch.stack([low * n, high * n, kl * n, mismatch * n, n.float()]).to(token_stats)
+                entropy = (batch["entropies"] * mask).sum()  # the sampler's, of the tokens trained on
+                token_stats += torch.stack([low * n, high * n, kl * n, mismatch * n, entropy, n.float()]).to(token_stats)
         all_reduce_sum(token_stats)
-        n_tokens = token_stats[4].clamp(min=1)
+        n_tokens = token_stats[5].clamp(min=1)
         step_metrics = {**rollout["stats"], "clip/low": token_stats[0] / n_tokens, "clip/high": token_stats[1] / n_tokens,
                         "kl": token_stats[2] / n_tokens, "logprob_mismatch": token_stats[3] / n_tokens,
+                        "entropy": token_stats[4] / n_tokens,
                         **{f"time/{k}": v for k, v in rollout["times"].items()}, "time/train": time.perf_counter() - t0}
         rollout["times"] = {}  # a reused rollout (mu > 1) reports no generation time again
         # <<< algorithm
@@ -476,7 +478,8 @@ def import_function(path: str) -> Callable:
 
 
 def completion_batch(prompts: list[list[int]], completions: list[list[int]], sampler_logps: list[list[float]],
-                     pad_id: int, device, share_prompt: bool = True) -> dict:
+                     pad_id: int, device, share_prompt: bool = True, sampler_entropies: list[list[float]] | None = None
+                     ) -> dict:
     """Training rows for N completions, and the map from them back to each completion's tokens.
 
     Rows: one per completion (prompt + completion), or with share_prompt one per prompt, its
@@ -484,11 +487,13 @@ def completion_batch(prompts: list[list[int]], completions: list[list[int]], sam
     the same prompt share it: the prompt's forward is done once per group, not G times):
     input_ids, targets, position_ids (R, T) [, document_ids].
     Completions: index (N, C), where in the flattened (R * T) rows the target is completion token c;
-    completion_mask (N, C); old_logps (N, C), the sampler's log-prob of completion token c."""
+    completion_mask (N, C); old_logps (N, C), the sampler's log-prob of completion token c; entropies
+    (N, C), the entropy of the distribution it was sampled from (0 when not given)."""
     N, C = len(completions), max(1, max(len(c) for c in completions))
     index = torch.zeros(N, C, dtype=torch.long)
     completion_mask = torch.zeros(N, C, dtype=torch.bool)
     old_logps = torch.zeros(N, C)
+    entropies = torch.zeros(N, C)
     groups = [[0]]  # completions of one row
     for i in range(1, N):
         if share_prompt and prompts[i] == prompts[groups[-1][0]]:
@@ -523,11 +528,13 @@ def completion_batch(prompts: list[list[int]], completions: list[list[int]], sam
         if share_prompt:  # a row of one completion is one document that is its own prefix
             batch["document_ids"][r, :len(ids)] = torch.as_tensor(doc) if doc is not None else 0
     for i, (c, lp) in enumerate(zip(completions, sampler_logps)):
+        if sampler_entropies is not None:
+            entropies[i, :len(c)] = torch.tensor(sampler_entropies[i], dtype=torch.float32)
         r, start = starts[i]
         index[i, :len(c)] = r * T + start + torch.arange(len(c))
         completion_mask[i, :len(c)] = True
         old_logps[i, :len(c)] = torch.tensor(lp, dtype=torch.float32)
-    batch.update(index=index, completion_mask=completion_mask, old_logps=old_logps)
+    batch.update(index=index, completion_mask=completion_mask, old_logps=old_logps, entropies=entropies)
     return {k: v.to(device) for k, v in batch.items()}
 
 
