@@ -59,7 +59,8 @@ class Recipe:
 
     model: ModelConfig
     rows: int
-    """Sequences per forward/backward on this GPU (DPO: 2 x micro_batch, chosen and rejected)."""
+    """Sequences per forward/backward on this GPU (DPO: 2 x micro_batch, chosen and rejected: as many
+    tokens at worst as micro_batch shared-prompt rows of twice the length)."""
     seq_len: int
     """Tokens per sequence (the config's longest: padded or packed rows are full at worst)."""
     compute: Literal["bf16", "fp32"] = "bf16"
@@ -510,11 +511,17 @@ def head_chunk_bytes(r: Recipe) -> int:
 
 def reference_bytes(r: Recipe, table: list[Param]) -> int:
     """The frozen reference policy. copy: a second network built like the policy before any
-    freezing (float32, sharded like it); adapters_off: the policy itself with its adapters off;
-    precomputed: a table of two floats per pair, made before training; none: nothing."""
+    freezing (float32, sharded like it; in one process under autocast its linear weights in the
+    compute dtype: train/parallel.py's freeze_in_compute_dtype); adapters_off: the policy itself with
+    its adapters off; precomputed: a table of two floats per pair, made before training; none: nothing."""
     if r.reference != "copy":
         return 0
-    return sum(sharded(Param(p.name, p.shape, p.numel * 4, True), r.shard) for p in table
+
+    def stored(p: Param) -> int:
+        linear = p.name.endswith(("_proj.weight", "_proj.bias", "lm_head.weight"))
+        return p.numel * (compute_bytes(r) if linear and uses_autocast(r) else 4)
+
+    return sum(sharded(Param(p.name, p.shape, stored(p), True), r.shard) for p in table
                if not p.name.endswith((".lora_A", ".lora_B")))
 
 
