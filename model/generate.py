@@ -469,7 +469,7 @@ class RolloutEngine:
         self._allocated = False
         self._pool = None
 
-    # ---- static buffers, allocated on first use (inside inference mode, like every use of them)
+    # ---- static buffers, allocated on first use (under no_grad, like every use of them)
 
     def _allocate(self) -> None:
         Bmax, N, V, dev = self.buckets[-1], self.max_new_tokens, self.cfg.vocab_size, self.device
@@ -496,7 +496,9 @@ class RolloutEngine:
             self._caches[b] = view
         self._allocated = True
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: FSDP2 allocates its all-gather buffers in the first unshard and
+    # reuses them in training's forwards, where a buffer made in inference mode may not be written.
+    @torch.no_grad()
     def generate(
         self,
         prompts: list[list[int]],

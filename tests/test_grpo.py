@@ -129,3 +129,27 @@ def test_reward_functions_are_named_by_import_path():
     with pytest.raises(ValueError, match="adapters_off needs a lora"):
         grpo.pick_reference(grpo.GRPOSettings(beta=0.1, reference="adapters_off"), None)
     assert grpo.pick_reference(grpo.GRPOSettings(beta=0.0), None) == "none"
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_export(tmp_path):
+    """torchrun with FSDP2 on CPU (gloo): rollouts through the gathered weights, then training forwards
+    that reuse FSDP's all-gather buffers (made during generation: no_grad, not inference mode, or the
+    second forward fails), a real gradient, and the export."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "train.grpo", "--config", TINY, "--out_dir", str(tmp_path), "--steps", "2", "--sample_tokens", "0",
+           "--grpo.reward_funcs", '["tests.test_grpo:says_the"]']
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = metrics(tmp_path)
+    assert sorted(m) == [1, 2] and any(m[s]["grad_norm"] > 0 for s in (1, 2))
+    assert json.loads((tmp_path / "final" / "export_check.json").read_text())["ok"]
