@@ -87,8 +87,11 @@ def format_line(step: int, total: int | None, r: dict) -> str:
         parts.append(f"gnorm {r['grad_norm']:.3f}")
     if "rewards/accuracies" in r:  # preference runs: how often chosen beats rejected, and by how much
         parts.append(f"acc {r['rewards/accuracies']:.2f} margin {r['rewards/margins']:.3f}")
-    if "reward" in r:  # RL runs: the mean reward and the share answered right
-        parts.append(f"reward {r['reward']:+.3f}" + (f" acc {r['accuracy']:.2f}" if "accuracy" in r else ""))
+    elif "rewards/chosen" in r:  # KTO: unpaired, so the gap between the two classes' mean rewards
+        parts.append(f"margin {r['rewards/chosen'] - r['rewards/rejected']:.3f}")
+    if "reward" in r:  # RL runs: the mean reward, the share answered right, the completions' mean length
+        parts.append(f"reward {r['reward']:+.3f}" + (f" acc {r['accuracy']:.2f}" if "accuracy" in r else "") +
+                     (f" len {r['completion_len']:.0f}" if "completion_len" in r else ""))
     if "tokens_per_s" in r:
         parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
     if r.get("mfu") is not None:
