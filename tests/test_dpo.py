@@ -182,10 +182,12 @@ def test_accumulation_does_not_change_the_step(tmp_path):
         assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=1e-4), step
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    run(tmp_path / "full", "--steps", "6", "--eval_every", "0")
-    run(tmp_path / "split", "--steps", "6", "--eval_every", "0", "--stop_at_step", "3")
-    run(tmp_path / "split", "--steps", "6", "--eval_every", "0")
+@pytest.mark.parametrize("loss", ["sigmoid", "kto"])
+def test_resume_equals_uninterrupted_run(tmp_path, loss):
+    common = ("--steps", "6", "--eval_every", "0", "--dpo.loss", loss)
+    run(tmp_path / "full", *common)
+    run(tmp_path / "split", *common, "--stop_at_step", "3")
+    run(tmp_path / "split", *common)
     full, split = metrics(tmp_path / "full"), metrics(tmp_path / "split")
     for step in range(1, 7):
         assert split[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-6, abs=1e-7), step
