@@ -352,3 +352,16 @@ def pack_shared_prefix(sequences: list, targets: list) -> tuple[np.ndarray, ...]
         pos.append(np.arange(k, len(s)))
         doc.append(np.full(len(s) - k, d))
     return tuple(np.concatenate(x).astype(np.int64) for x in (ids, tgt, pos, doc))
+
+
+def pad_rows(rows: list[tuple], pad_id: int) -> dict:
+    """Rows of (ids, targets, positions[, documents]) arrays -> {input_ids, targets, position_ids
+    [, document_ids]}, (R, T) int64, right-padded to the longest row (pad_id, IGNORE_INDEX, position 0,
+    document -1)."""
+    R, T = len(rows), max(len(r[0]) for r in rows)
+    fills = {"input_ids": pad_id, "targets": IGNORE_INDEX, "position_ids": 0, "document_ids": -1}
+    batch = {key: torch.full((R, T), fill, dtype=torch.int64) for key, fill in list(fills.items())[:len(rows[0])]}
+    for r, row in enumerate(rows):
+        for tensor, values in zip(batch.values(), row, strict=True):
+            tensor[r, :len(values)] = torch.as_tensor(values)
+    return batch

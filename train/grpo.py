@@ -48,7 +48,7 @@ from model.generate import RolloutEngine
 from model.gpt import GPT
 from model.lora import apply_lora, disable_lora, freeze_base, init_lora_weights
 from model.tokenizer import Tokenizer
-from train.batching import ChatBatches, pack_shared_prefix
+from train.batching import ChatBatches, pack_shared_prefix, pad_rows
 from train.config import (
     CheckpointConfig, LogConfig, LoRAConfig, ModelSource, OptimConfig, ParallelConfig, PromptDataConfig, parse_config,
     resolve_model, to_dict,
@@ -373,7 +373,8 @@ def main(cfg: GRPOConfig, reward_funcs: list[Callable] | None = None) -> dict:
         micro_batches = rollout["micro_batches"]
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=dist.device)
-        token_stats = torch.zeros(6, device=dist.device)  # clipped low, clipped high, kl, sampler mismatch, entropy, tokens
+        # clipped low, clipped high, kl, sampler mismatch, sampling entropy, tokens
+        token_stats = torch.zeros(6, device=dist.device)
         for batch in micro_batches:
             with autocast(cfg.parallel, dist):
                 logps = completion_logps(model, batch, cfg.grpo.temperature)  # (B, C), 0 past each completion
@@ -482,59 +483,45 @@ def completion_batch(prompts: list[list[int]], completions: list[list[int]], sam
                      ) -> dict:
     """Training rows for N completions, and the map from them back to each completion's tokens.
 
-    Rows: one per completion (prompt + completion), or with share_prompt one per prompt, its
-    completions continuing it as documents 1, 2, ... of a shared-prefix row (consecutive completions of
-    the same prompt share it: the prompt's forward is done once per group, not G times):
+    Rows: one per completion (prompt + completion), or with share_prompt one per run of consecutive
+    completions of the same prompt, the prompt once and each completion continuing it as documents
+    1, 2, ... of a shared-prefix row (the prompt's forward is done once per group, not G times):
     input_ids, targets, position_ids (R, T) [, document_ids].
     Completions: index (N, C), where in the flattened (R * T) rows the target is completion token c;
     completion_mask (N, C); old_logps (N, C), the sampler's log-prob of completion token c; entropies
     (N, C), the entropy of the distribution it was sampled from (0 when not given)."""
-    N, C = len(completions), max(1, max(len(c) for c in completions))
-    index = torch.zeros(N, C, dtype=torch.long)
-    completion_mask = torch.zeros(N, C, dtype=torch.bool)
-    old_logps = torch.zeros(N, C)
-    entropies = torch.zeros(N, C)
-    groups = [[0]]  # completions of one row
-    for i in range(1, N):
+    groups = [[0]]  # the completions of each row
+    for i in range(1, len(completions)):
         if share_prompt and prompts[i] == prompts[groups[-1][0]]:
             groups[-1].append(i)
         else:
             groups.append([i])
-    rows = []  # (ids, targets, positions, documents) per row; `starts[i]`: where completion i's targets begin
-    starts = {}
+    rows, starts = [], {}  # starts[i]: (row, column) of completion i's first target
     for group in groups:
         P = len(prompts[group[0]])
         seqs = [np.asarray(prompts[i] + completions[i], dtype=np.int64) for i in group]
         tgts = [np.concatenate([np.full(P - 1, IGNORE_INDEX), s[P:], [IGNORE_INDEX]]) for s in seqs]  # t predicts t + 1
-        if len(group) == 1:
-            rows.append((seqs[0], tgts[0], np.arange(len(seqs[0])), None))
-            starts[group[0]] = (len(rows) - 1, P - 1)
+        if not share_prompt:
+            starts[group[0]] = (len(rows), P - 1)
+            rows.append((seqs[0], tgts[0], np.arange(len(seqs[0]))))
             continue
-        ids, tgt, pos, doc = pack_shared_prefix(seqs, tgts)
-        k = int((doc == 0).sum())  # the shared prompt tokens
-        for d, i in enumerate(group, start=1):
-            starts[i] = (len(rows), int(np.flatnonzero(doc == d)[0]) + P - 1 - k)
-        rows.append((ids, tgt, pos, doc))
-    R, T = len(rows), max(len(r[0]) for r in rows)
-    batch = {"input_ids": torch.full((R, T), pad_id, dtype=torch.long),
-             "targets": torch.full((R, T), IGNORE_INDEX, dtype=torch.long),
-             "position_ids": torch.zeros((R, T), dtype=torch.long)}
-    if share_prompt:
-        batch["document_ids"] = torch.full((R, T), -1, dtype=torch.long)
-    for r, (ids, tgt, pos, doc) in enumerate(rows):
-        batch["input_ids"][r, :len(ids)] = torch.as_tensor(ids)
-        batch["targets"][r, :len(ids)] = torch.as_tensor(tgt)
-        batch["position_ids"][r, :len(ids)] = torch.as_tensor(pos)
-        if share_prompt:  # a row of one completion is one document that is its own prefix
-            batch["document_ids"][r, :len(ids)] = torch.as_tensor(doc) if doc is not None else 0
-    for i, (c, lp) in enumerate(zip(completions, sampler_logps)):
-        if sampler_entropies is not None:
-            entropies[i, :len(c)] = torch.tensor(sampler_entropies[i], dtype=torch.float32)
+        row = pack_shared_prefix(seqs, tgts)
+        doc, shared = row[3], int((row[3] == 0).sum())
+        for d, i in enumerate(group, start=1):  # document d holds sequence positions shared, shared + 1, ...
+            starts[i] = (len(rows), int(np.flatnonzero(doc == d)[0]) + P - 1 - shared)
+        rows.append(row)
+    batch = pad_rows(rows, pad_id)
+    T = batch["input_ids"].shape[1]
+    N, C = len(completions), max(1, max(len(c) for c in completions))
+    batch.update(index=torch.zeros(N, C, dtype=torch.long), completion_mask=torch.zeros(N, C, dtype=torch.bool),
+                 old_logps=torch.zeros(N, C), entropies=torch.zeros(N, C))
+    for i, c in enumerate(completions):
         r, start = starts[i]
-        index[i, :len(c)] = r * T + start + torch.arange(len(c))
-        completion_mask[i, :len(c)] = True
-        old_logps[i, :len(c)] = torch.tensor(lp, dtype=torch.float32)
-    batch.update(index=index, completion_mask=completion_mask, old_logps=old_logps, entropies=entropies)
+        batch["index"][i, :len(c)] = r * T + start + torch.arange(len(c))
+        batch["completion_mask"][i, :len(c)] = True
+        batch["old_logps"][i, :len(c)] = torch.tensor(sampler_logps[i], dtype=torch.float32)
+        if sampler_entropies is not None:
+            batch["entropies"][i, :len(c)] = torch.tensor(sampler_entropies[i], dtype=torch.float32)
     return {k: v.to(device) for k, v in batch.items()}
 
 

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from algos.logprobs import IGNORE_INDEX
-from train.batching import pack_shared_prefix
+from train.batching import pack_shared_prefix, pad_rows
 from train.chat_data import BAD_ROW_REASONS as CHAT_BAD_ROW_REASONS
 from train.chat_data import BadRow, data_files, format_example, iter_rows, to_messages, tokenize_conversation
 
@@ -439,18 +439,9 @@ def collate_shared_prompt(samples, pad_id) -> dict:
     """B pairs -> {input_ids, targets, position_ids, document_ids}, each (B, T) int64: one row per pair,
     its prompt once, then the chosen response (document 1) and the rejected one (document 2), both
     continuing the prompt. The prompt's forward is shared: fewer tokens than collate_pairs' 2B rows,
-    the same log-probs (tests/test_dpo_loop.py). Padding: document -1."""
-    rows = [pack_shared_prefix([s["chosen_input_ids"], s["rejected_input_ids"]],
-                               [s["chosen_targets"], s["rejected_targets"]]) for s in samples]
-    N, T = len(rows), max(len(r[0]) for r in rows)
-    batch = {"input_ids": torch.full((N, T), pad_id, dtype=torch.int64),
-             "targets": torch.full((N, T), IGNORE_INDEX, dtype=torch.int64),
-             "position_ids": torch.zeros((N, T), dtype=torch.int64),
-             "document_ids": torch.full((N, T), -1, dtype=torch.int64)}
-    for n, row in enumerate(rows):
-        for key, values in zip(("input_ids", "targets", "position_ids", "document_ids"), row):
-            batch[key][n, :len(values)] = torch.from_numpy(values)
-    return batch
+    the same log-probs (tests/test_dpo.py). Padding: document -1."""
+    return pad_rows([pack_shared_prefix([s["chosen_input_ids"], s["rejected_input_ids"]],
+                                        [s["chosen_targets"], s["rejected_targets"]]) for s in samples], pad_id)
 
 
 def collate_unpaired(samples, pad_id) -> dict:
