@@ -297,14 +297,9 @@ def _quiet_third_party_logs():
             hf_logging.enable_progress_bar()
 
 
+@_quiet_third_party_logs()
 def _reference_parts(final_dir: Path, adapter: bool, base_dir, probe: torch.Tensor, atol: float, rtol: float) -> dict:
     """transformers (and peft) load the export; compared in float32 with our load of the same files."""
-    with _quiet_third_party_logs():
-        return _reference_parts_loud(final_dir, adapter, base_dir, probe, atol, rtol)
-
-
-def _reference_parts_loud(final_dir: Path, adapter: bool, base_dir, probe: torch.Tensor, atol: float,
-                          rtol: float) -> dict:
     try:
         import transformers
     except ImportError:

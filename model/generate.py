@@ -86,7 +86,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from model.gpt import GPT, KVCache
-from model.lora import LoRALinear, is_nf4
+from model.lora import LoRALinear, is_nf4, lora_delta
 from model.masks import causal_mask
 
 # Looking at `finished` makes the host wait for the device, which stalls kernel launches for the
@@ -226,14 +226,18 @@ def generate(
         finished |= torch.isin(token, stop)
         if (step + 1) % CHECK_FINISHED_EVERY == 0 and finished.all():
             break
-    new, lengths = ids[:, P:S].tolist(), num_new.tolist()  # the transfers to the host
-    tokens = [row[:n] for row, n in zip(new, lengths)]
-    return _results(tokens, lengths, logprobs if return_logprobs else None, entropies if return_entropies else None)
+    lengths = num_new.tolist()
+
+    def per_row(t: Tensor) -> list[list]:  # the transfers to the host, each row cut to its length
+        return [row[:n] for row, n in zip(t.tolist(), lengths)]
+
+    return _results(per_row(ids[:, P:S]), per_row(logprobs) if return_logprobs else None,
+                    per_row(entropies) if return_entropies else None)
 
 
-def _results(tokens, lengths, logprobs: Tensor | None, entropies: Tensor | None):
-    """tokens, or (tokens[, logprobs][, entropies]) with each (rows, N) tensor cut to the row's length."""
-    extra = tuple([row[:n] for row, n in zip(t.tolist(), lengths)] for t in (logprobs, entropies) if t is not None)
+def _results(tokens: list, logprobs: list | None, entropies: list | None):
+    """tokens, or (tokens[, logprobs][, entropies]): what the caller asked for, in that order."""
+    extra = tuple(x for x in (logprobs, entropies) if x is not None)
     return (tokens, *extra) if extra else tokens
 
 
@@ -331,7 +335,7 @@ def _refresh_snapshot(net: GPT, policy: torch.nn.Module) -> None:
             weight = _full(source.weight)
             if source.merged or source.disabled:
                 return weight
-            return weight.float() + (_full(source.lora_B).float() @ _full(source.lora_A).float()) * source.scaling
+            return weight.float() + lora_delta(_full(source.lora_A), _full(source.lora_B), source.scaling)
         return _full(getattr(source, attr))
 
     for name, dst in net.named_parameters():
@@ -354,8 +358,8 @@ class _Slots:
     """Per-slot decode state of one bucket: views [:b] of the engine's static buffers. A slot is a
     row of the bucket; compaction moves prompts between slots, `row` says which prompt a slot holds."""
 
-    PER_SLOT = ("token", "position", "pad_len", "finished", "row", "out_tokens", "out_logprobs", "out_entropies", "out_len",
-                "budget")
+    PER_SLOT = ("token", "position", "pad_len", "finished", "row", "out_tokens", "out_logprobs", "out_entropies",
+                "out_len", "budget")
 
     def __init__(self, engine: "RolloutEngine", b: int):
         for name in self.PER_SLOT:
@@ -405,7 +409,7 @@ class RolloutEngine:
     from 8 up to max_batch). prefill_rows: rows per prefill forward (bounds its activation memory).
     dtype: the compute dtype (autocast to it; the cache's dtype); None: the weights' own, no autocast.
     snapshot: decode with a refreshed copy of the policy, linear weights in `dtype`, adapters merged
-    (default: on CUDA, for a model without FSDP, when that changes anything); see the module docstring.
+    (default: on CUDA, for a model without FSDP); see the module docstring.
     fuse_projections: the snapshot's q/k/v and gate/up as one matmul each (default: on CUDA).
     """
 
@@ -546,8 +550,7 @@ class RolloutEngine:
                 tokens += t
                 logprobs += lp
                 entropies += ent
-        extra = (logprobs,) * return_logprobs + (entropies,) * return_entropies
-        return (tokens, *extra) if extra else tokens
+        return _results(tokens, logprobs if return_logprobs else None, entropies if return_entropies else None)
 
     def _generate_batch(self, prompts, budgets, sampling, compact, seed):
         n, P = len(prompts), max(len(p) for p in prompts)

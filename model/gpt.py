@@ -321,8 +321,8 @@ class GPT(nn.Module):
         packed rows, several documents per row (positions restart in each); attention stays within
         a document. shared_prefix: document 0 of each row is a prompt every later document of the row
         continues (its responses): they all see it, and not each other. attn_mask: an explicit bool
-        mask broadcastable to (B, H, T, S) (True = attend), as generation's left padding needs. With neither, attention is causal. The sliding window,
-        when the model has one, applies in every case.
+        mask broadcastable to (B, H, T, S) (True = attend), as generation's left padding needs. With
+        neither, attention is causal. The sliding window, when the model has one, applies in every case.
         """
         B, T = input_ids.shape
         window = self.config.sliding_window

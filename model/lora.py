@@ -151,7 +151,7 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> Tensor:
         """scaling * B @ A, (out, in), in float32."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        return lora_delta(self.lora_A, self.lora_B, self.scaling)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -175,6 +175,11 @@ class LoRALinear(nn.Module):
         nf4 = ", nf4" if is_nf4(self.weight) else ""
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, r={self.r}, "
                 f"alpha={self.alpha}, rslora={self.use_rslora}{nf4}, merged={self.merged}")
+
+
+def lora_delta(lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """What an adapter adds to its weight: scaling * B @ A, (out, in), in float32."""
+    return (lora_B.float() @ lora_A.float()) * scaling
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
