@@ -16,25 +16,23 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import ModelConfig  # noqa: E402
 from model.gpt import GPT  # noqa: E402
+from train.parallel import _checkpoint_block  # noqa: E402
 
 
 def build(order: str, preset: str) -> GPT:
     with torch.device("meta"):
         model = GPT(ModelConfig.preset(preset))
     for block in model.layers:
-        if order == "checkpoint inside compile":
-            forward = block.forward
-            block.forward = lambda *a, f=forward, **k: checkpoint(f, *a, use_reentrant=False, **k)
+        if order == "checkpoint inside compile":  # what train/parallel.py did before
+            _checkpoint_block(block)
             block.compile()
-        else:
-            compiled = torch.compile(block.forward)
-            block.forward = lambda *a, f=compiled, **k: checkpoint(f, *a, use_reentrant=False, **k)
+        else:  # what it does now
+            _checkpoint_block(block, torch.compile(block.forward))
     model.to_empty(device="cuda")
     model.init_weights(seed=0)
     return model
