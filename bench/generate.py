@@ -105,9 +105,13 @@ def logprob_mismatch(ours, engine, prompts, P, N, dtype, device, sampling):
 
 
 def attention_backends(cfg, L, batches, bandwidth):
-    """One layer's decode attention (query heads grouped per key head, mask over the static cache)
-    through each SDPA backend and written out, eager: what a better decode kernel could save."""
+    """One layer's decode attention over a half-written static cache: through each SDPA backend with a
+    mask over the whole cache (eager), written out, and FlexAttention's decoding kernel (compiled)
+    over the written blocks, as the engine runs it."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from model.masks import decode_block_mask
 
     K, G, D = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     for b in batches:
@@ -120,7 +124,14 @@ def attention_backends(cfg, L, batches, bandwidth):
             scores = (q @ k.transpose(-1, -2)).float() / D**0.5 + bias  # (b, K, G, L)
             return scores.softmax(-1).to(v.dtype) @ v
 
-        variants = {"written out": written_out}
+        pad_len, pos = torch.zeros(b, dtype=torch.long, device="cuda"), torch.tensor([L // 2], device="cuda")
+        flex = torch.compile(flex_attention, dynamic=False)
+        q_heads = q.reshape(b, K * G, 1, D)  # (b, H, T=1, D)
+
+        def flex_decode():  # the engine's attention: only the blocks written so far are read
+            return flex(q_heads, k, v, block_mask=decode_block_mask(pad_len, pos, L), enable_gqa=True)
+
+        variants = {"written out": written_out, "flex decode": flex_decode}
         for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
                               ("math", SDPBackend.MATH)):
             def fn(backend=backend):
@@ -148,11 +159,12 @@ def attention_backends(cfg, L, batches, bandwidth):
 
 
 
-def decode_step_profile(ours, engine, b, P, N, weight_bytes, bandwidth):
+def decode_step_profile(ours, engine, b, P, N, weight_bytes, bandwidth, with_eager=True):
     """One decode step: eager, compiled, compiled + CUDA graph; then where the compiled step's time goes."""
     key = (b, (1.0, None, None, 0))
     eager = RolloutEngine(ours, b, P, N, compile=False, cuda_graphs=False)
     eager._allocate()
+    eager.net = engine.net  # the same snapshot: only the way the step runs differs
 
     def per_step(fn, n):
         engine._pos.zero_(), engine._step.zero_(), eager._pos.zero_(), eager._step.zero_()
@@ -165,9 +177,9 @@ def decode_step_profile(ours, engine, b, P, N, weight_bytes, bandwidth):
         torch.cuda.synchronize()
         return start.elapsed_time(end) / n
 
-    steps = {"eager": per_step(lambda: eager._run_step(b, key[1]), 20),
-             "compiled": per_step(lambda: engine._run_step(b, key[1]), 50),
-             "compiled + CUDA graph": per_step(lambda: engine._graphs[key].replay(), 100)}
+    steps = {"eager": per_step(lambda: eager._run_step(b, key[1]), 20)} if with_eager else {}
+    steps |= {"compiled": per_step(lambda: engine._run_step(b, key[1]), 50),
+              "compiled + CUDA graph": per_step(lambda: engine._graphs[key].replay(), 100)}
     print(f"\n# one decode step at batch {b} (ms; bound {weight_bytes / bandwidth * 1e3:.2f} ms): " +
           ", ".join(f"{k} {v:.3f} ({b / v * 1e3:,.0f} tok/s)" for k, v in steps.items()))
     attention_backends(ours.config, engine.max_len, [b, 4 * b], bandwidth)
@@ -197,6 +209,10 @@ def main():
     p.add_argument("--lora", action="store_true", help="also time ours with unmerged LoRA r=16 at the middle batch")
     p.add_argument("--deadline_s", type=float, default=1e9, help="skip the remaining slow rows after this")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", type=int, default=0,
+                   help="only profile one decode step at this batch size (section 4), then stop")
+    p.add_argument("--step_compile_mode", default=None,
+                   help="torch.compile mode for the decode step (e.g. max-autotune-no-cudagraphs: tunes the matmuls)")
     args = p.parse_args()
     import transformers
 
@@ -238,11 +254,30 @@ def main():
         print(f"{name:34s} {b:5d} {rate:10,.0f} {seconds:8.2f} {mem:9.1f} {rate / bound(b):9.0%}", flush=True)
 
     engines, sampling = {}, dict(temperature=1.0)
+
+    def engine_for(b, **options):
+        engine = RolloutEngine(ours, b, P, N, **options)
+        if args.step_compile_mode and engine.compile:
+            engine._step_fn = torch.compile(engine._step_fn._torchdynamo_orig_callable, fullgraph=True,
+                                            dynamic=False if engine.flex_decode else None, mode=args.step_compile_mode)
+        return engine
+
+    if args.profile:
+        with torch.inference_mode():
+            b = args.profile
+            engine = engine_for(b, buckets=[b])  # one graph to compile and capture
+            t0 = time.perf_counter()
+            engine.generate(prompts[:b], 8, seed=0, **sampling)
+            print(f"# warm-up (compile + capture of {len(engine._graphs)} graphs): {time.perf_counter() - t0:.1f}s")
+            out, seconds, _ = timed(lambda: engine.generate(prompts[:b], N, seed=1, **sampling), device, 0, 0, 3)
+            row("ours (static cache, graphs)", b, b * N, seconds, float("nan"))
+            decode_step_profile(ours, engine, b, P, N, weight_bytes, bandwidth, with_eager=False)
+        return
     with torch.inference_mode():
         # ---- 1. ours at every batch size
         for b in batches:
             baseline = allocated()  # before the engine's static cache, state and graphs
-            engine = RolloutEngine(ours, b, P, N)
+            engine = engine_for(b)
             t0 = time.perf_counter()
             engines[b] = engine
             engine.generate(prompts[:b], 8, seed=0, **sampling)  # compiles once, captures this batch's buckets
@@ -253,15 +288,19 @@ def main():
             assert sum(map(len, out)) == b * N
             row("ours (static cache, graphs)", b, b * N, seconds, mem)
             print(f"#   warm-up (compile + capture of {len(engine._graphs)} graphs): {warmup:.1f}s", flush=True)
-        if device == "cuda" and elapsed() < args.deadline_s:  # what the snapshot's fused layers gain
+        # What FlexAttention's decode kernel and the snapshot's fused layers gain, at the middle batch.
+        for name, options in (("ours, SDPA over the whole cache", dict(flex_decode=False)),
+                              ("ours, no snapshot (unfused)", dict(snapshot=False))):
+            if device.type != "cuda" or elapsed() > args.deadline_s:
+                continue
             b = batches[len(batches) // 2]
             baseline = allocated()
-            plain = RolloutEngine(ours, b, P, N, snapshot=False)
-            plain.generate(prompts[:b], 8, seed=0, **sampling)
-            out, seconds, mem = timed(lambda: plain.generate(prompts[:b], N, seed=1, **sampling), device,
+            variant = engine_for(b, **options)
+            variant.generate(prompts[:b], 8, seed=0, **sampling)
+            out, seconds, mem = timed(lambda: variant.generate(prompts[:b], N, seed=1, **sampling), device,
                                       baseline, weight_bytes, repeats=3)
-            row("ours, no snapshot (unfused)", b, b * N, seconds, mem)
-            del plain
+            row(name, b, b * N, seconds, mem)
+            del variant
 
         # ---- 2. the GRPO length mix
         print(f"\n# GRPO length mix: completion lengths uniform in [32, {N}] (seeded per-row budgets), "

@@ -25,11 +25,14 @@ memory-bandwidth limit inside the training process (no second inference server, 
 - Prefill: every prompt token but the last goes through the model in one eager forward (rows in
   chunks). The decode step then feeds the last column of every row, samples one token, and handles
   stops; it is the only place where tokens are sampled, and its shapes never change: the write
-  column is a device tensor, and attention reads the whole static cache with a mask that hides the
-  columns not written yet. On CUDA the step is compiled (torch.compile, elementwise work fused) and
-  captured into a CUDA graph per batch bucket, so a step is one graph launch with no host
+  column is a device tensor, and so is the attention mask that hides the columns not written yet.
+  On CUDA attention runs FlexAttention's decoding kernel with a BlockMask that lists only the cache
+  blocks written so far (model/masks.py's decode_block_mask: a block count computed on the device,
+  so the shapes stay fixed while the reads grow with the sequence); elsewhere SDPA reads the whole
+  cache with an additive mask. On CUDA the step is compiled (torch.compile, elementwise work fused)
+  and captured into a CUDA graph per batch bucket, so a step is one graph launch with no host
   synchronisation (on an H200, llama-3.2-1b shape, batch 64: 9.5 ms a step eager, 3.7 compiled,
-  2.0 compiled and captured; bench/RESULTS.md). The capture is explicit (torch.cuda.CUDAGraph)
+  1.45 compiled and captured; bench/RESULTS.md). The capture is explicit (torch.cuda.CUDAGraph)
   rather than mode="reduce-overhead": the cache and the state are our own static buffers, which
   cudagraph trees would copy into the graph on every replay unless each were marked static, and
   the step's one RNG draw goes through our generator, registered with each graph.
@@ -67,9 +70,9 @@ memory-bandwidth limit inside the training process (no second inference server, 
   merged, disabled or re-allocated).
 
 Deliberately left out: beam search, repetition penalties, speculative decoding, paged attention and
-continuous batching (refill), length buckets (attention reads the whole static cache every step),
-and a decode attention kernel of our own (where much of the rest of a step's time goes:
-bench/RESULTS.md).
+continuous batching (refill), and a decode attention kernel of our own (FlexAttention's reads the
+written blocks near the copy bandwidth; at batch 64 a step's time now goes to the small matmuls and
+the launch latency of about ten kernels a layer: bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from model.gpt import GPT, KVCache
 from model.lora import LoRALinear, is_nf4, lora_delta
-from model.masks import causal_mask
+from model.masks import causal_mask, decode_block_mask
 
 # Looking at `finished` makes the host wait for the device, which stalls kernel launches for the
 # next step. Checking every few steps costs at most that many wasted steps of padding.
@@ -373,18 +376,23 @@ class _Slots:
 
 
 def decode_step(model: GPT, cache: KVCache, s: _Slots, noise: Tensor | None, temperature: float,
-                top_k: int | None, top_p: float | None, pad_id: int, window: int | None) -> None:
+                top_k: int | None, top_p: float | None, pad_id: int, window: int | None, flex: bool) -> None:
     """One token for every row of a bucket, everything on the device and in place: the forward of
     the last column, sampling, recording, stop handling. No shape depends on the step (cache.pos is
-    a (1,) tensor: the column written now), so the engine compiles it once and captures it per bucket."""
+    a (1,) tensor: the column written now), so the engine compiles it once and captures it per bucket.
+    flex: attention through FlexAttention's decoding kernel, reading only the cache blocks written
+    so far; otherwise SDPA over the whole cache with an additive mask."""
     b, L = s.token.shape[0], cache.k[0].shape[2]
-    col = torch.arange(L, device=s.token.device)
-    valid = (col >= s.pad_len[:, None]) & (col <= cache.pos)  # (b, L) written, non-padding columns
-    if window is not None:
-        valid &= col > cache.pos - window
-    dtype = cache.k[0].dtype
-    bias = torch.zeros(b, 1, 1, L, dtype=dtype, device=col.device).masked_fill(~valid[:, None, None], float("-inf"))
-    logits = model(s.token[:, None], position_ids=s.position[:, None], attn_mask=bias, cache=cache,
+    if flex:
+        mask = decode_block_mask(s.pad_len, cache.pos, L, window)
+    else:
+        col = torch.arange(L, device=s.token.device)
+        valid = (col >= s.pad_len[:, None]) & (col <= cache.pos)  # (b, L) written, non-padding columns
+        if window is not None:
+            valid &= col > cache.pos - window
+        mask = torch.zeros(b, 1, 1, L, dtype=cache.k[0].dtype, device=col.device).masked_fill(
+            ~valid[:, None, None], float("-inf"))
+    logits = model(s.token[:, None], position_ids=s.position[:, None], attn_mask=mask, cache=cache,
                    logits_to_keep=1)[:, -1]  # (b, V); the forward advanced cache.pos
     token, logprob, entropy = sample_next(logits, temperature, top_k, top_p, noise=noise, return_logprobs=True,
                                           return_entropy=True)
@@ -411,6 +419,8 @@ class RolloutEngine:
     snapshot: decode with a refreshed copy of the policy, linear weights in `dtype`, adapters merged
     (default: on CUDA, for a model without FSDP); see the module docstring.
     fuse_projections: the snapshot's q/k/v and gate/up as one matmul each (default: on CUDA).
+    flex_decode: decode attention through FlexAttention's decoding kernel over the written cache
+    blocks only (default: on CUDA); otherwise SDPA over the whole cache with an additive mask.
     """
 
     def __init__(
@@ -428,6 +438,7 @@ class RolloutEngine:
         dtype: torch.dtype | None = None,
         snapshot: bool | None = None,
         fuse_projections: bool | None = None,
+        flex_decode: bool | None = None,
     ):
         weight = model.embed_tokens.weight
         self.model, self.cfg = model, model.config
@@ -467,7 +478,14 @@ class RolloutEngine:
         # The cache length rounded up to 64 columns keeps the attention mask's rows aligned for the
         # fused attention kernels.
         self.max_len = -(-(max_prompt_len + max_new_tokens) // 64) * 64
-        self._step_fn = torch.compile(decode_step, fullgraph=True) if self.compile else decode_step
+        # FlexAttention takes head sizes from 16 (stories260K's 8 decodes through SDPA).
+        self.flex_decode = cuda and self.cfg.head_dim >= 16 if flex_decode is None else flex_decode
+        # FlexAttention's decoding kernel needs a static batch size: with it, each bucket compiles
+        # its own step (about 25 s each for llama-3.2-1b on an H200; see the limit in _run_step);
+        # without it, one step with a symbolic batch serves every bucket.
+        self._step_fn = decode_step
+        if self.compile:
+            self._step_fn = torch.compile(decode_step, fullgraph=True, dynamic=False if self.flex_decode else None)
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._graph_signature = None
         self._allocated = False
@@ -617,13 +635,17 @@ class RolloutEngine:
         noise = None
         if temperature != 0:  # drawn eagerly: the compiled step gets it as an input
             noise = torch.empty(b, self.cfg.vocab_size, device=self.device).exponential_(1, generator=self._gen)
-        if self.compile:  # one compiled step for every bucket: the batch dimension is symbolic
+        if self.compile and not self.flex_decode:  # one compiled step for every bucket: a symbolic batch
             cache, s = self._caches[b], self._slots[b]
             for t in (*cache.k, *cache.v, *(getattr(s, name) for name in _Slots.PER_SLOT), noise):
                 if t is not None:
                     torch._dynamo.maybe_mark_dynamic(t, 0)
-        self._step_fn(self.net, self._caches[b], self._slots[b], noise, temperature, top_k, top_p, pad_id,
-                      self.cfg.sliding_window)
+        # Each bucket, sampling setting and network is a compiled version of this one function, and
+        # engines in one process share them: more than dynamo's default 8, past which it would run
+        # the step eager (and the CUDA-graph capture of an eager step fails).
+        with torch._dynamo.config.patch(recompile_limit=64):
+            self._step_fn(self.net, self._caches[b], self._slots[b], noise, temperature, top_k, top_p, pad_id,
+                          self.cfg.sliding_window, self.flex_decode)
 
     def _compact(self, b: int, new_b: int) -> None:
         """Move the live slots to [0, new_b), in order; finished ones fill the rest."""

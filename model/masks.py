@@ -7,13 +7,19 @@ chosen and rejected, GRPO's group) goes through the model once.
 A mask is either a bool tensor broadcastable to (B, H, T, S) (True = attend), used by SDPA, or a
 FlexAttention BlockMask (CUDA), which lets attention skip whole blocks that cross documents. Both
 say the same thing: query q sees key k when k <= q, k is in q's document (or is not padding), and
-q - k < sliding_window.
+q - k < sliding_window. A decode step over the rollout engine's static cache has its own BlockMask
+(`decode_block_mask`): it lists only the cache blocks written so far.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
+
+# Cache columns per block of a decode BlockMask: FlexAttention's default block size.
+DECODE_BLOCK = 128
 
 
 def causal_mask(kv_valid: Tensor, q_len: int, sliding_window: int | None = None) -> Tensor:
@@ -74,3 +80,42 @@ def packed_mask(document_ids: Tensor, sliding_window: int | None = None, shared_
     if document_ids.device.type == "cuda":
         return document_block_mask(document_ids, sliding_window, shared_prefix)
     return document_mask(document_ids, sliding_window, shared_prefix)
+
+
+def decode_block_mask(pad_len: Tensor, pos: Tensor, cache_len: int, sliding_window: int | None = None):
+    """The FlexAttention BlockMask of one decode step over a static cache (model/generate.py's
+    RolloutEngine): the query of row b, written at column pos, sees the columns pad_len[b] <= k <= pos
+    (left padding before pad_len[b]) within the sliding window. The block list holds the blocks up
+    to pos only, so attention reads the part of the cache written so far and not the whole buffer;
+    every listed block is partial (the mask is applied in it). Everything is a tensor computed on
+    the device from pad_len (B,) and pos (1,): no shape depends on the step, so it compiles and is
+    captured once with the step. With one query per row and one block list for all heads, compiled
+    FlexAttention runs its decoding kernel (the key/value sequence split across the GPU, the query
+    heads of a key/value head in one tile)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, blocks = pad_len.shape[0], -(-cache_len // DECODE_BLOCK)
+    written = torch.div(pos, DECODE_BLOCK, rounding_mode="floor") + 1  # (1,) blocks holding columns <= pos
+    kv_num_blocks = written.to(torch.int32).expand(B).reshape(B, 1, 1)  # (B, H=1, query blocks=1)
+    kv_indices = torch.arange(blocks, dtype=torch.int32, device=pad_len.device).expand(B, 1, 1, blocks)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        seen = (kv_idx >= pad_len[b]) & (kv_idx <= pos[0])
+        if sliding_window is not None:
+            seen = seen & (pos[0] - kv_idx < sliding_window)
+        return seen
+
+    extra = {"compute_q_blocks": False} if _FROM_KV_BLOCKS_TAKES_COMPUTE_Q else {}  # no backward here
+    return BlockMask.from_kv_blocks(kv_num_blocks.contiguous(), kv_indices.contiguous(), BLOCK_SIZE=DECODE_BLOCK,
+                                    mask_mod=mask_mod, seq_lengths=(1, cache_len), **extra)
+
+
+def _from_kv_blocks_takes_compute_q() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError:  # pragma: no cover
+        return False
+    return "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+
+
+_FROM_KV_BLOCKS_TAKES_COMPUTE_Q = _from_kv_blocks_takes_compute_q()

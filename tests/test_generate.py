@@ -12,6 +12,7 @@ import transformers
 import model.generate as gen
 from checkpoints.hf import load_hf
 from model.generate import generate, sample_next
+from model.masks import DECODE_BLOCK
 from tests.conftest import ROOT, shared
 from tests.hf_reference import make_hf_model
 
@@ -221,6 +222,19 @@ def test_engine_greedy_equals_uncached(name, tmp_path):
     engine = _engine(model)
     assert engine.generate(prompts, 20) == expected
     assert engine.generate(prompts, 20, compact=False) == expected
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "sliding_window"])
+def test_engine_flex_decode_equals_uncached(name, tmp_path):
+    """FlexAttention's decode mask (only the cache blocks written so far, padding and the window
+    masked inside them) gives what recomputing the whole sequence gives, across a block boundary
+    (a cache of 192 columns, blocks of 128). On the CPU FlexAttention runs eager."""
+    model = _sliding_window_model() if name == "sliding_window" else _tiny(name, tmp_path)[0]
+    prompts = _random_prompts(model.config.vocab_size, [5, 11, 1, 8, 3], seed=2)
+    expected = generate(model, prompts, 140, use_cache=False)
+    engine = _engine(model, max_new_tokens=140, flex_decode=True)
+    assert engine.max_len > DECODE_BLOCK
+    assert engine.generate(prompts, 140) == expected
 
 
 def test_engine_batched_equals_one_by_one_and_reuses_its_cache(stories):
