@@ -1,7 +1,7 @@
 """LoRA / QLoRA step throughput and memory: handloom vs transformers + PEFT, same shape, same recipe.
 
     python bench/lora.py                    # llama-3.2-1b shape, r=16 on all linear layers, batch 8 x 2048
-    python bench/lora.py --preset tiny --seq_len 64 --micro_batch 2 --device cpu --rows "ours lora,peft"
+    python bench/lora.py --preset tiny --seq_len 64 --micro_batch 2 --device cpu --nf4_scaler_block_size 16
 
 Every row: a bf16 frozen base (ours: stored bf16 or NF4; PEFT: the model loaded in bf16), float32
 adapters, bf16 autocast, AdamW on the adapters, random tokens. MFU counts the LoRA step as 4N FLOPs
@@ -44,7 +44,7 @@ def ours(cfg, device, args, nf4: bool, ac: bool):
             if not name.endswith((".lora_A", ".lora_B")):
                 p.data = p.data.to(base_dtype)
     if nf4:
-        quantize_base_nf4(model, dtype=torch.bfloat16)
+        quantize_base_nf4(model, scaler_block_size=args.nf4_scaler_block_size, dtype=torch.bfloat16)
     mark_only_lora_trainable(model)
     parallelize(model, ParallelConfig(compile=args.compile, activation_checkpointing=ac),
                 DistInfo(rank=0, world_size=1, local_rank=0, device=device))
@@ -72,6 +72,7 @@ def main():
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--micro_batch", type=int, default=8)
     p.add_argument("--r", type=int, default=16)
+    p.add_argument("--nf4_scaler_block_size", type=int, default=256, help="QLoRA rows (the tiny preset needs 16)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compile our blocks")
@@ -88,10 +89,19 @@ def main():
     print(HEADER)
     for name in args.rows.split(","):
         fresh_memory(device)
+        # Each row compiles afresh: one row's compiled blocks would otherwise stay cached on the shared
+        # Block.forward, and the next row's (other parameter types) would show as recompilations.
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         build = peft_model if name.startswith("peft") else ours
         try:
             model, forward = build(cfg, device, args, nf4="qlora" in name, ac=name.endswith(" ac"))
             print_row(measure(name, model, forward, cfg, args, device, flops_per_token=flops))
+            if build is ours and args.compile:
+                # Two graphs: the first block's input needs no gradient (frozen embeddings), the others' do.
+                counters = torch._dynamo.utils.counters
+                print(f"{'':20s} compiled graphs {counters['stats']['unique_graphs']}, "
+                      f"graph breaks {sum(counters['graph_break'].values())}", flush=True)
             del model, forward
         except Exception as e:  # an OOM or a failed compile ends this row, not the table
             print(f"{name:20s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)

@@ -78,7 +78,8 @@ class LoRAConfig:
 @functools.cache
 def torchao_nf4():
     """torchao's NF4 module. Imported on first use only: importing torchao takes seconds, and
-    plain LoRA does not need it."""
+    plain LoRA does not need it. Never call it in a forward: torch.compile traces through the cache
+    into import_module, and the graph breaks there."""
     tried = []
     for name in _NF4_MODULES:
         try:
@@ -97,6 +98,92 @@ def is_nf4(t: Tensor) -> bool:
     and torch.compile guards on the tensor's type alone (a sys.modules lookup here made it guard
     on the number of imported modules and recompile whenever that changed)."""
     return type(t).__name__ == "NF4Tensor"
+
+
+# ----------------------------------------------------------------------------- the NF4 matmul
+
+
+def nf4_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ W^T for a torchao NF4Tensor W (out, in), which gets no gradient. W is dequantized in
+    forward and again in backward for x's gradient, so backward keeps only the NF4 tensor's own
+    4-bit data and scales, never W at full size (with activation checkpointing: a third time, in
+    the recomputed forward). Each direction is one opaque op, so a compiled block stays one graph
+    around it. torchao's linear_nf4 also dequantizes twice, but traced by torch.compile its two
+    dequantizations of the same inputs merge into one, and the partitioner then keeps that bf16 W
+    for backward (it never recomputes what a matmul reads there). The price: inductor does not fuse
+    the dequantization, which runs as a few eager ops inside the op. Under autocast x is cast to the
+    autocast dtype, as F.linear's input would be."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    return _nf4_matmul(x, *_nf4_parts(weight), transposed=True)
+
+
+def _nf4_parts(w: Tensor) -> tuple:
+    """What an NF4Tensor holds (plain tensors and ints), in nf4_dequantize's argument order."""
+    return (w.quantized_data, w.quantized_scalers, w.quantization_factor, w.scaler_mean, w.nf4,
+            w.block_size, w.scaler_block_size, list(w.shape))
+
+
+def nf4_dequantize(
+    quantized_data: Tensor,
+    quantized_scalers: Tensor,
+    quantization_factor: Tensor,
+    scaler_mean: Tensor,
+    levels: Tensor,
+    block_size: int,
+    scaler_block_size: int,
+    shape: list[int],
+) -> Tensor:
+    """The weight an NF4Tensor stores, bit for bit what torchao's get_original_weight returns (a
+    test checks), in fewer passes over it: each byte holds two 4-bit level indices (the first in its
+    high nibble), so one lookup in a 256-row table of level pairs decodes both; each block of
+    block_size weights is then scaled by its absmax, itself stored as int8 around the mean absmax,
+    with one factor per scaler_block_size blocks (double quantization)."""
+    scales = (quantized_scalers.view(-1, scaler_block_size) / quantization_factor[:, None]).flatten()
+    scales = scales.to(levels.dtype) + scaler_mean  # (n_blocks,)
+    pairs = torch.stack((levels.repeat_interleave(16), levels.repeat(16)), dim=-1)  # (256, 2): byte -> 2 levels
+    values = pairs[quantized_data.int()].view(-1, block_size)  # (n_blocks, block_size)
+    return (values * scales[:, None]).view(shape)
+
+
+@torch.library.custom_op("handloom::nf4_matmul", mutates_args=())
+def _nf4_matmul(
+    a: Tensor,
+    quantized_data: Tensor,
+    quantized_scalers: Tensor,
+    quantization_factor: Tensor,
+    scaler_mean: Tensor,
+    levels: Tensor,
+    block_size: int,
+    scaler_block_size: int,
+    shape: list[int],
+    transposed: bool,
+) -> Tensor:
+    """a @ W^T (transposed: the forward) or a @ W (x's gradient), W dequantized in a's dtype."""
+    w = nf4_dequantize(quantized_data, quantized_scalers, quantization_factor, scaler_mean, levels,
+                       block_size, scaler_block_size, shape).to(a.dtype)
+    return F.linear(a, w) if transposed else a @ w
+
+
+@_nf4_matmul.register_fake
+def _(a, quantized_data, quantized_scalers, quantization_factor, scaler_mean, levels, block_size,
+      scaler_block_size, shape, transposed):
+    return a.new_empty(*a.shape[:-1], shape[0] if transposed else shape[1])
+
+
+def _nf4_matmul_setup(ctx, inputs, output):
+    # Only the NF4 tensor's parts: W's gradient is never needed, so x is not kept either.
+    ctx.save_for_backward(*inputs[1:6])
+    ctx.sizes, ctx.transposed = inputs[6:9], inputs[9]
+
+
+def _nf4_matmul_backward(ctx, grad):
+    # d(a W^T)/da is grad @ W, and d(a W)/da is grad @ W^T.
+    grad_a = _nf4_matmul(grad, *ctx.saved_tensors, *ctx.sizes, transposed=not ctx.transposed)
+    return (grad_a,) + (None,) * 9
+
+
+_nf4_matmul.register_autograd(_nf4_matmul_backward, setup_context=_nf4_matmul_setup)
 
 
 class LoRALinear(nn.Module):
@@ -136,8 +223,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if is_nf4(self.weight):
-            # Dequantizes block by block into x's dtype; the NF4 weight never gets a gradient.
-            out = torchao_nf4().linear_nf4(x, self.weight)
+            out = nf4_linear(x, self.weight)
             if self.bias is not None:
                 out = out + self.bias.to(out.dtype)
         else:
@@ -344,7 +430,8 @@ def quantize_base_nf4(
                     f"{block_size} in groups of scaler_block_size={scaler_block_size}; choose smaller sizes"
                 )
             q = nf4.to_nf4(m.weight.detach().to(dtype).contiguous(), block_size, scaler_block_size)
-            # A plain nn.Linear still works: torchao routes F.linear on an NF4Tensor to linear_nf4.
+            # A plain nn.Linear still works: torchao routes F.linear on an NF4Tensor to linear_nf4
+            # (which, compiled, keeps the dequantized weight for backward: see nf4_linear).
             m.weight = nn.Parameter(q, requires_grad=False)
     return model
 

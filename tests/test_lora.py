@@ -11,14 +11,16 @@ import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+import model.lora as lora
 from checkpoints.hf import load_hf, save_hf
 from checkpoints.peft import load_peft_adapter, save_peft_adapter
 from model.config import ModelConfig
-from model.gpt import GPT
+from model.gpt import GPT, rope_cos_sin
 from model.lora import (
-    LoRALinear, apply_lora, disable_lora, init_lora_weights, is_nf4, lora_modules, lora_state_dict,
-    merge_lora, quantize_base_nf4,
+    LoRAConfig, LoRALinear, _nf4_parts, apply_lora, disable_lora, freeze_base, init_lora_weights, is_nf4,
+    lora_modules, lora_state_dict, merge_lora, nf4_dequantize, quantize_base_nf4, torchao_nf4,
 )
 from tests.hf_reference import make_hf_model
 
@@ -260,6 +262,148 @@ def test_qlora_trains_on_cpu_bf16(tmp_path):
         merge_lora(model)
         assert not any(is_nf4(p) for p in model.parameters())
         assert _rel_err(model(ids).float(), qlora_logits) < 0.05  # bf16 rounding of W + BA
+
+
+# ----------------------------------------------------------------------------- the NF4 matmul
+
+
+def _nf4_layer(out_features=96, in_features=128, seed=0):
+    """A LoRALinear over an NF4 base as freeze_base leaves it: bf16 NF4 weight, float32 adapters
+    (random, so both adapters get a gradient that depends on the base's output)."""
+    holder = nn.Module()
+    holder.q_proj = nn.Linear(in_features, out_features, bias=False)
+    g = torch.Generator().manual_seed(seed)
+    holder.q_proj.weight.data.copy_(torch.randn(out_features, in_features, generator=g) * 0.02)
+    apply_lora(holder, ["q_proj"], r=4, alpha=8)
+    quantize_base_nf4(holder, block_size=64, scaler_block_size=16)
+    _randomize_adapters([holder.q_proj.lora_A, holder.q_proj.lora_B], seed=seed)
+    return holder.q_proj
+
+
+def _count_dequantizations(monkeypatch) -> list[int]:
+    """Counts calls of lora.nf4_dequantize from now on (the NF4 op looks it up at each call)."""
+    calls = [0]
+    dequantize = lora.nf4_dequantize
+
+    def counted(*args):
+        calls[0] += 1
+        return dequantize(*args)
+
+    monkeypatch.setattr(lora, "nf4_dequantize", counted)
+    return calls
+
+
+def test_nf4_dequantize_is_torchaos_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    for shape, block, scaler_block in [((96, 128), 64, 16), ((176, 64), 64, 16), ((64, 176), 32, 8)]:
+        w = torch.randn(shape, generator=g) * 0.02
+        w[1, 2] = 0.7  # an outlier: one block's scale far from the mean
+        q = torchao_nf4().to_nf4(w.to(torch.bfloat16), block, scaler_block)
+        ours = nf4_dequantize(*_nf4_parts(q))
+        assert ours.dtype == torch.bfloat16 and torch.equal(ours, q.get_original_weight())
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
+                         ids=["fp32", "bf16", "fp32-under-bf16-autocast"])
+def test_nf4_layer_equals_torchaos_linear_nf4(dtype, autocast, monkeypatch):
+    """The same layer through torchao's linear_nf4: the same ops on the same values, so the output and
+    the gradients of x and of both adapters are equal, not just close."""
+    layer = _nf4_layer()
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+    grad_out = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+        out.backward(grad_out.to(out.dtype))
+        return out, x.grad, layer.lora_A.grad, layer.lora_B.grad
+
+    ours = run()
+    monkeypatch.setattr(lora, "nf4_linear", torchao_nf4().linear_nf4)
+    for a, b in zip(ours, run()):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_nf4_layer_keeps_no_dequantized_weight_for_backward(monkeypatch):
+    """Backward keeps the NF4 tensor's 4-bit data and scales, nothing of the weight's size: the weight
+    is dequantized in forward, again in backward, and once more where checkpointing recomputes the forward."""
+    layer = _nf4_layer()
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(1), requires_grad=True)
+
+    def weight_sized_saved(module):
+        """Shapes of the float tensors module's forward saves for backward with W's shape or W^T's."""
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = module(x)
+        return out, [tuple(t.shape) for t in saved if t.is_floating_point() and sorted(t.shape) == [96, 128]]
+
+    plain = LoRALinear(nn.Parameter(layer.weight.get_original_weight().float(), requires_grad=False), None, r=4,
+                       alpha=8)
+    assert weight_sized_saved(plain)[1] == [(128, 96)]  # a plain base: its matmul keeps W^T (the check sees it)
+    calls = _count_dequantizations(monkeypatch)
+    out, kept = weight_sized_saved(layer)
+    assert kept == [] and calls[0] == 1
+    out.sum().backward()
+    assert calls[0] == 2
+    checkpoint(layer, x, use_reentrant=False).sum().backward()
+    assert calls[0] == 2 + 3
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside inductor, torch 2.13
+def test_compiled_qlora_block_is_one_graph(monkeypatch):
+    """A QLoRA block (bf16 NF4 base, float32 adapters, bf16 autocast, as on the GPU) compiled by
+    inductor with fullgraph=True: one graph, no recompilation on later steps with other inputs, and,
+    as the partitioner decides what a compiled graph keeps, nothing of a weight's size saved for
+    backward. Each NF4 layer dequantizes twice a step, three times under activation checkpointing."""
+    model = _tiny()
+    apply_lora(model, "all-linear", r=4, alpha=8)
+    freeze_base(model, LoRAConfig(quantize="nf4", nf4_scaler_block_size=16), torch.device("cpu"))
+    block = model.layers[1]
+    n_nf4 = len(list(lora_modules(block)))
+    weights = {tuple(m.weight.shape) for _, m in lora_modules(block)}
+    B, T, C = 3, 7, model.config.hidden_size
+    cos, sin = rope_cos_sin(model.rope_inv_freq, torch.arange(T).expand(B, T), torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+
+    def step(forward):
+        """Forward and backward on new random inputs; returns the output, x, and the shapes of what
+        the forward saved for backward that have a weight's shape (or its transpose)."""
+        x = torch.randn(B, T, C, generator=g).to(torch.bfloat16).requires_grad_()
+        saved = []
+        with torch.autocast("cpu", dtype=torch.bfloat16), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = forward(x, cos, sin)
+        out.float().square().sum().backward()
+        return out, x, [tuple(t.shape) for t in saved if t.is_floating_point() and t.dim() == 2
+                        and (tuple(t.shape) in weights or tuple(t.shape[::-1]) in weights)]
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(block, fullgraph=True)  # fullgraph: a graph break is an error
+    try:
+        try:
+            out, x, kept = step(compiled)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            if "CppCompileError" in str(e) or "InvalidCxxCompiler" in str(e):
+                pytest.skip(f"inductor cannot build CPU kernels here: {str(e).splitlines()[0][:200]}")
+            raise
+        assert kept == []
+        g.manual_seed(0)  # the same x, eager: inductor rounds bf16 intermediates differently (2e-3 here)
+        out_eager, x_eager, _ = step(block)
+        assert _rel_err(out.float(), out_eager.float()) < 2e-2
+        assert _rel_err(x.grad.float(), x_eager.grad.float()) < 2e-2
+
+        calls = _count_dequantizations(monkeypatch)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            assert step(compiled)[2] == []
+            assert calls[0] == 2 * n_nf4  # forward, and x's gradient in backward
+            step(lambda *args: checkpoint(compiled, *args, use_reentrant=False))
+            assert calls[0] == 2 * n_nf4 + 3 * n_nf4  # and the forward that checkpointing recomputes
+        counters = torch._dynamo.utils.counters
+        assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------- meta device

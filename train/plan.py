@@ -240,16 +240,6 @@ def weight_copy_bytes(r: Recipe, table: list[Param]) -> int:
     return total
 
 
-def dequantized_bytes(r: Recipe, table: list[Param]) -> int:
-    """QLoRA with compiled blocks: linear_nf4 breaks the graph, and the compiled pieces keep each
-    NF4 weight dequantized to bf16 for backward when its input needs a gradient (not the first
-    block's q/k/v; bench/RESULTS.md: QLoRA peaks above LoRA). Eager linear_nf4 keeps the NF4 tensor."""
-    if not (r.compile and r.lora is not None and r.lora.quantize == "nf4") or r.checkpointing:
-        return 0
-    return sum(p.numel * compute_bytes(r) for p in table
-               if p.nf4 and not (p.block == 0 and p.name.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj")))
-
-
 def fsdp_in_flight_bytes(r: Recipe, table: list[Param]) -> int:
     """FSDP2 all-gathers a block's parameters in the compute dtype just before the block runs and
     frees them after (reshard_after_forward); with the next block prefetched, two blocks are whole at
@@ -281,12 +271,12 @@ def fsdp_gradient_in_flight_bytes(r: Recipe, table: list[Param]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def rmsnorm_saved(width: int, rows: int, in_bytes: int, weight_trains: bool, compiled: bool = False) -> int:
+def rmsnorm_saved(width: int, rows: int, in_bytes: int, weight_trains: bool) -> int:
     """RMSNorm on `rows` vectors of `width` per token, input of in_bytes: x.float() (4 bytes each:
     the input itself when already float32, else a copy) for the square and the product, rsqrt's
     output (4 bytes per row), and, when the scale trains, the normalised value cast back to in_bytes
-    that the scale multiplies. Compiled, the input is kept as it is and the cast redone."""
-    return (in_bytes if compiled else 4) * width + 4 * rows + (in_bytes * width if weight_trains else 0)
+    that the scale multiplies."""
+    return 4 * width + 4 * rows + (in_bytes * width if weight_trains else 0)
 
 
 def projections_saved(r: Recipe, names: tuple[str, ...], width: int, in_bytes: int, input_saved: bool = False,
@@ -341,22 +331,20 @@ def mlp_saved(cfg: ModelConfig, c: int) -> int:
     return 3 * c * cfg.intermediate_size
 
 
-def block_saved_eager(r: Recipe, first: bool, compiled_pieces: bool = False) -> int:
+def block_saved_eager(r: Recipe, first: bool) -> int:
     """Bytes per token one eager block saves for backward. Under LoRA the first block's input carries
-    no gradient (frozen embeddings), so its first RMSNorm saves nothing. compiled_pieces: QLoRA's
-    compiled block, which linear_nf4 breaks into pieces that save what eager saves but for the
-    norms' float32 copies."""
+    no gradient (frozen embeddings), so its first RMSNorm saves nothing."""
     cfg, c, s = r.model, compute_bytes(r), stream_bytes(r)
     C, HD, I = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size
     full = r.lora is None
     input_grad = full or not first
-    total = rmsnorm_saved(C, 1, s, full, compiled_pieces) if input_grad else 0
+    total = rmsnorm_saved(C, 1, s, full) if input_grad else 0
     total += projections_saved(r, ("q_proj", "k_proj", "v_proj"), C, s, input_grad=input_grad)
     if cfg.qk_norm:
         total += qk_norm_saved(cfg, c, full)
     total += attention_saved(cfg, c)
     total += projections_saved(r, ("o_proj",), HD, c, input_saved=True)
-    total += rmsnorm_saved(C, 1, s, full, compiled_pieces)
+    total += rmsnorm_saved(C, 1, s, full)
     total += projections_saved(r, ("gate_proj", "up_proj"), C, s)
     total += mlp_saved(cfg, c)
     total += projections_saved(r, ("down_proj",), I, c)
@@ -394,10 +382,8 @@ def block_saved_compiled(r: Recipe, first: bool) -> int:
 
 
 def block_saved(r: Recipe, first: bool) -> int:
-    """Bytes per token one block saves for backward, eager or compiled. QLoRA's linear_nf4 breaks
-    the compiled graph into pieces that save about what eager saves."""
-    if r.compile and r.lora is not None and r.lora.quantize == "nf4":
-        return block_saved_eager(r, first, compiled_pieces=True)
+    """Bytes per token one block saves for backward, eager or compiled (QLoRA's NF4 matmul is one
+    opaque op in the compiled graph that keeps only the 4-bit weight: model/lora.py's nf4_linear)."""
     return block_saved_compiled(r, first) if r.compile else block_saved_eager(r, first)
 
 
@@ -615,7 +601,7 @@ def memory_plan(r: Recipe) -> Plan:
     as the activations are freed."""
     table = parameter_table(r)
     L = r.model.num_layers
-    copies = weight_copy_bytes(r, table) + dequantized_bytes(r, table) + fsdp_in_flight_bytes(r, table)
+    copies = weight_copy_bytes(r, table) + fsdp_in_flight_bytes(r, table)
     comp = {
         "parameters": parameter_bytes(r, table),
         "gradients": gradient_bytes(r, table),
