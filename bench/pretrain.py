@@ -1,17 +1,22 @@
 """Pretraining step throughput: handloom vs Hugging Face transformers, same shape, same recipe.
 
     python bench/pretrain.py                                   # llama-3.2-1b shape, seq 2048, one GPU
+    python bench/pretrain.py --float8                          # also ours with parallel.float8 (SM89+)
     python bench/pretrain.py --preset tiny --seq_len 128 --micro_batch 2 --device cpu   # smoke test
 
 Every model trains on random tokens with the same recipe: fp32 master weights, bf16 autocast,
 fused AdamW, loss = summed token cross-entropy / tokens, gradient clipping. Each row reports
-tokens/s, MFU (model FLOPs per token from model/config.py against 989 TFLOP/s dense bf16), and
-peak memory. Rows run one after another in one process, memory freed in between.
+tokens/s, MFU (model FLOPs per token from model/config.py against 989 TFLOP/s dense bf16, for
+the float8 rows too, as torchtitan counts them), and peak memory. Rows run one after another in
+one process, memory freed in between. The float8 rows (`--float8`, or named in `--rows`) swap the
+blocks' linear layers for torchao's Float8Linear (train/parallel.py); on CPU the float8 matmuls
+are emulated, so there they only show that the row runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import sys
 import time
@@ -33,11 +38,11 @@ from train.parallel import parallelize  # noqa: E402
 PEAK = 989e12
 
 
-def ours(cfg: ModelConfig, device, compile: bool, ac: bool):
+def ours(cfg: ModelConfig, device, compile: bool, ac: bool, float8: bool = False):
     with torch.device("meta"):
         model = GPT(cfg)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    parallelize(model, ParallelConfig(compile=compile, activation_checkpointing=ac), dist)
+    parallelize(model, ParallelConfig(compile=compile, activation_checkpointing=ac, float8=float8), dist)
     model.to_empty(device=device)
     model.init_weights(seed=0)
     return model, lambda ids, targets: model(ids, targets=targets)  # fused output projection + loss
@@ -118,14 +123,23 @@ def main():
     p.add_argument("--ac", action="store_true", help="activation checkpointing for every row")
     p.add_argument("--compile", action="store_true", help="also compile the non-'compiled' rows")
     p.add_argument("--rows", default="ours,ours compiled,hf eager,hf compiled")
+    p.add_argument("--float8", action="store_true",
+                   help="also time ours with parallel.float8 ('ours float8 compiled' after 'ours compiled')")
     args = p.parse_args()
     device = torch.device(args.device)
     cfg = ModelConfig.preset(args.preset)
-    builders = {"ours": ours, "ours compiled": ours, "hf eager": hf, "hf compiled": hf}
+    float8 = functools.partial(ours, float8=True)
+    builders = {"ours": ours, "ours compiled": ours, "ours float8": float8, "ours float8 compiled": float8,
+                "hf eager": hf, "hf compiled": hf}
+    rows = args.rows.split(",")
+    if args.float8 and "ours float8 compiled" not in rows:
+        # Beside the bf16 row it is compared with (float8 without compile runs its casts as separate kernels).
+        at = rows.index("ours compiled") + 1 if "ours compiled" in rows else len(rows)
+        rows.insert(at, "ours float8 compiled")
     print(f"# {args.preset}: {cfg.num_params() / 1e9:.2f}B params, batch {args.micro_batch} x {args.seq_len}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     print(HEADER)
-    for name in args.rows.split(","):
+    for name in rows:
         fresh_memory(device)
         try:
             model, forward = builders[name](cfg, device, args.compile or "compiled" in name, args.ac)

@@ -78,6 +78,10 @@ class ParallelConfig:
     """Compute dtype: auto is bf16 on GPU (fp32 master weights and reductions), fp32 on CPU."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (less memory, one more all-gather)."""
+    float8: bool = False
+    """Float8 matmuls (torchao, tensorwise dynamic scales) in the blocks' linear layers (q/k/v/o, gate/up/down; not the
+    output head, nor layers whose sizes are not multiples of 16); fast with compile. Needs a GPU of compute capability
+    8.9+ (H100, H200, L40S); emulated on CPU (tests). Full training only: not with lora."""
 
 
 @dataclass
@@ -355,6 +359,9 @@ def _check_relations(cfg) -> list[str]:
     max_len, max_prompt = _get(cfg, "data.max_len"), _get(cfg, "data.max_prompt_len")
     if _positive_int(max_len) and _positive_int(max_prompt) and max_prompt >= max_len:
         out.append(f"data.max_prompt_len: {max_prompt} leaves no room for a response in data.max_len {max_len}")
+    if _get(cfg, "parallel.float8") is True and _get(cfg, "lora") is not None:
+        out.append("parallel.float8: float8 training converts plain nn.Linear layers for full training; it does not "
+                   "combine with lora (LoRA adapters, NF4 base weights): set parallel.float8 false or lora null")
     model = _get(cfg, "model")
     if isinstance(model, ModelSource):
         if not (model.preset or model.checkpoint):

@@ -1,9 +1,10 @@
-"""Applies activation checkpointing, torch.compile and FSDP2 to a model from the outside.
+"""Applies float8 linear layers, activation checkpointing, torch.compile and FSDP2 to a model from the outside.
 
-The model stays plain PyTorch; this pass changes how it runs, never what it computes, and keeps
-parameter names (so checkpoints and the HF export see the same keys). Order matters: checkpoint
-and compile each block first (with both, the checkpoint wraps the compiled forward), then
-`fully_shard` each block and finally the root.
+The model stays plain PyTorch; this pass changes how it runs, never what it computes (float8 aside:
+it rounds the matmuls' inputs), and keeps parameter names (so checkpoints and the HF export see the
+same keys). Order matters: swap in the float8 layers first (so the compiled blocks trace them and
+FSDP shards their weights), then checkpoint and compile each block (with both, the checkpoint wraps
+the compiled forward), then `fully_shard` each block and finally the root.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model.lora import LoRALinear, is_nf4
 from train.config import ParallelConfig
 from train.dist import DistInfo
 
@@ -37,8 +39,10 @@ def build_mesh(cfg: ParallelConfig, dist: DistInfo):
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, dist: DistInfo) -> nn.Module:
-    """Activation checkpointing and compile per block, then FSDP2 when there are several ranks.
-    Call on the meta-device model, before `to_empty` and weight init or loading."""
+    """Float8 linear layers, activation checkpointing and compile per block, then FSDP2 when there are
+    several ranks. Call on the meta-device model, before `to_empty` and weight init or loading."""
+    if cfg.float8:
+        convert_to_float8(model, dist)
     blocks = model.layers
     for block in blocks:
         if cfg.activation_checkpointing and cfg.compile:
@@ -71,6 +75,39 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dist: DistInfo) -> nn.Mod
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def convert_to_float8(model: nn.Module, dist: DistInfo) -> nn.Module:
+    """Swap the linear layers for torchao's Float8Linear, in place: each matmul (forward, and both of
+    backward) casts its operands to float8 with one scale per tensor from its current max (e4m3 for
+    activations and weights, e5m2 for gradients) and accumulates in higher precision; parameters,
+    their gradients and the optimizer state keep their dtype, and their names. On CPU the float8
+    matmul is emulated (float8-rounded operands, float32 product), so tests run it without a GPU."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()) or any(is_nf4(p) for p in model.parameters()):
+        raise ValueError("parallel.float8 trains plain nn.Linear layers in full; this model has LoRA adapters "
+                         "or NF4 weights: set parallel.float8 false (or train without lora)")
+    if dist.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(dist.device)
+        if (major, minor) < (8, 9):
+            raise ValueError(f"parallel.float8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper, "
+                             f"Blackwell); {torch.cuda.get_device_name(dist.device)} is {major}.{minor}")
+    # Imported here: importing torchao takes a second and prints warnings on machines without its kernels.
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    # Under FSDP2 each weight is cast to float8 before its all-gather, so half of bf16's bytes cross
+    # the network; its scale then needs the max over all shards, one small all-reduce per weight in
+    # FSDP's pre-all-gather hook. (torchao's precompute_float8_dynamic_scale_for_fsdp would batch those
+    # into one all-reduce after each optimizer step: a saving in latency, left out, as it would put a
+    # float8 call into every loop's step.)
+    config = Float8LinearConfig(enable_fsdp_float8_all_gather=dist.distributed, emulate=dist.device.type != "cuda")
+    return convert_to_float8_training(model, config=config, module_filter_fn=_float8_eligible)
+
+
+def _float8_eligible(linear: nn.Linear, name: str) -> bool:
+    """The output head stays in high precision (float8 logits cost accuracy where the loss is made, and
+    the loss reads its weight directly, never calling it); the float8 matmul (torch._scaled_mm) needs
+    both sizes to be multiples of 16."""
+    return name != "lm_head" and linear.in_features % 16 == 0 and linear.out_features % 16 == 0
 
 
 def _checkpoint_block(block: nn.Module, forward=None) -> None:

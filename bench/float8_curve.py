@@ -1,0 +1,137 @@
+"""Float8 against bf16 on a small real run: the same init and data order, both loss curves side by side.
+
+    python bench/float8_curve.py                                        # one H200: ~107M Llama shape, seq 1024
+    python bench/float8_curve.py --device cpu --steps 4 --preset tiny   # smoke test (float8 emulated)
+
+Each run is the pretraining loop itself (train.pretrain.main, the flags printed), differing only in
+`parallel.float8`: tiny Shakespeare (train/assets/tinyshakespeare.txt, ~370k tokens under the
+byte-level BPE tokenizer, vocab 2048, that train/corpus.py trains on it), the same seed for the
+weights and the data order, AdamW with warmup and cosine decay, bf16 autocast over fp32 master
+weights (fp32 on CPU) and compiled blocks on the GPU. The default shape is smollm2-135m's (30 layers
+of width 576, Llama style) with the vocabulary cut to 2048: 107M parameters. 200 steps of 8 x 1024
+tokens are ~4 passes over the corpus, so the late loss measures memorisation as much as modelling:
+the point is that float8 follows bf16, not the loss itself.
+
+Printed: both losses every 20 steps; the largest gap between the two smoothed losses (an exponential
+moving average over ~10 steps, bias-corrected, every step counted), against a tolerance of 0.05
+nats (on 2 CPU cores, shakespeare-small at 8 x 256, fp32 against emulated float8 gave +0.043 at
+worst, +0.024 on average: float8 trails a little); the final validation loss of each; tokens/s of
+each after the first 20 steps (which compile). This shape's matmuls are narrow (576), where float8's
+casts weigh about as much as the matmul time they save: bench/pretrain.py --float8 measures speed at
+the 1B shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.config import ModelConfig  # noqa: E402
+from train.config import parse_config  # noqa: E402
+from train.pretrain import PretrainConfig, main as pretrain  # noqa: E402
+
+CORPUS = ROOT / "train" / "assets" / "tinyshakespeare.txt"
+
+
+def run_flags(args, out_dir: Path, float8: bool) -> list[str]:
+    """The pretraining loop's flags for one run."""
+    compile = args.compile if args.compile is not None else args.device == "cuda"
+    return [
+        "--out_dir", str(out_dir), "--device", args.device, "--seed", "0", "--steps", str(args.steps),
+        "--global_batch", str(args.batch), "--micro_batch", str(args.batch),
+        "--eval_every", "0", "--eval_batches", "2", "--sample_tokens", "0",
+        "--model.preset", args.preset, "--model.vocab_size", "2048",
+        # The same prepared corpus as configs/pretrain/shakespeare.yaml (same inputs, tokenizer and split).
+        "--data.dir", args.data_dir, "--data.inputs", f"[{CORPUS}]", "--data.tokenizer_vocab_size", "2048",
+        "--data.val_fraction", "0.05", "--data.seq_len", str(args.seq_len),
+        "--optim.lr", str(args.lr), "--optim.warmup_steps", str(min(20, args.steps // 4)),
+        "--parallel.compile", str(compile).lower(), "--parallel.float8", str(float8).lower(),
+        "--checkpoint.resume", "none", "--checkpoint.keep_last", "1", "--checkpoint.export_hf", "false",
+        "--log.every", "1",
+    ]
+
+
+def run(args, name: str, float8: bool) -> dict:
+    """Train from scratch in runs/bench-float8/<name>; return its per-step records and final val loss."""
+    out_dir = ROOT / "runs" / "bench-float8" / name
+    shutil.rmtree(out_dir, ignore_errors=True)  # metrics.jsonl is appended to: start from nothing
+    flags = run_flags(args, out_dir, float8)
+    print(f"# {name}: python -m train.pretrain {' '.join(flags)}", flush=True)
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.reset()  # each run compiles its own blocks, as a fresh process would
+    out_dir.mkdir(parents=True)
+    with open(out_dir / "console.log", "w") as console, contextlib.redirect_stderr(console):
+        result = pretrain(parse_config(PretrainConfig, flags))
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in records if r["split"] == "train"}
+    return {"train": train, "val_loss": result["val_loss"]}
+
+
+def smoothed(losses: list[float], beta: float = 0.9) -> list[float]:
+    """Exponential moving average, bias-corrected (the first values are not pulled towards 0)."""
+    out, avg = [], 0.0
+    for i, x in enumerate(losses, start=1):
+        avg = beta * avg + (1 - beta) * x
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+def tokens_per_s(train: dict, tokens_per_step: int, after: int) -> float:
+    """Over the steps after `after`: tokens over the time they took (each record's figure covers its step)."""
+    steps = [s for s in train if s > after] or list(train)
+    return tokens_per_step * len(steps) / sum(tokens_per_step / train[s]["tokens_per_s"] for s in steps)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="smollm2-135m", help="model shape (model/config.py), vocabulary cut to 2048")
+    p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--every", type=int, default=20, help="print the losses every N steps")
+    p.add_argument("--tolerance", type=float, default=0.05, help="largest allowed gap of the smoothed losses (nats)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on GPU only")
+    p.add_argument("--data_dir", default=str(ROOT / "runs" / "data" / "shakespeare"))
+    args = p.parse_args()
+    args.seq_len = min(args.seq_len, ModelConfig.preset(args.preset).max_seq_len)  # the tiny preset holds 256
+
+    runs = {name: run(args, name, float8) for name, float8 in (("bf16", False), ("float8", True))}
+    a, b = runs["bf16"]["train"], runs["float8"]["train"]
+    steps = sorted(a)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (fp32 against emulated float8)"
+    print(f"# {args.preset} shape, vocab 2048, batch {args.batch} x {args.seq_len}, {args.steps} steps, {device}, "
+          f"torch {torch.__version__}")
+    print(f"{'step':>5s} {'bf16':>8s} {'float8':>8s} {'diff':>8s}")
+    for s in steps:
+        if s % args.every == 0 or s == steps[-1]:
+            print(f"{s:5d} {a[s]['loss']:8.4f} {b[s]['loss']:8.4f} {b[s]['loss'] - a[s]['loss']:+8.4f}")
+    gaps = [y - x for x, y in zip(smoothed([a[s]["loss"] for s in steps]), smoothed([b[s]["loss"] for s in steps]))]
+    worst = max(range(len(gaps)), key=lambda i: abs(gaps[i]))
+    verdict = "within" if abs(gaps[worst]) <= args.tolerance else "OUTSIDE"
+    print(f"smoothed loss, float8 - bf16: largest gap {gaps[worst]:+.4f} at step {steps[worst]}, mean "
+          f"{sum(gaps) / len(gaps):+.4f} ({verdict} the tolerance of {args.tolerance} nats)")
+    print(f"final val loss: bf16 {runs['bf16']['val_loss']:.4f}, float8 {runs['float8']['val_loss']:.4f}")
+    after = min(20, len(steps) // 2)
+    tps = {name: tokens_per_s(r["train"], args.batch * args.seq_len, after) for name, r in runs.items()}
+    memory = {name: r["train"][steps[-1]].get("peak_mem_gib", float("nan")) for name, r in runs.items()}
+    print(f"tokens/s after step {after}: bf16 {tps['bf16']:,.0f} ({memory['bf16']:.1f} GiB), float8 "
+          f"{tps['float8']:,.0f} ({memory['float8']:.1f} GiB), float8 / bf16 {tps['float8'] / tps['bf16']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
