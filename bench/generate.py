@@ -271,7 +271,12 @@ def main():
             print(f"# warm-up (compile + capture of {len(engine._graphs)} graphs): {time.perf_counter() - t0:.1f}s")
             out, seconds, _ = timed(lambda: engine.generate(prompts[:b], N, seed=1, **sampling), device, 0, 0, 3)
             row("ours (static cache, graphs)", b, b * N, seconds, float("nan"))
-            decode_step_profile(ours, engine, b, P, N, weight_bytes, bandwidth, with_eager=False)
+            # What a call costs besides its decode steps: the prefill and the per-call work.
+            _, fixed, _ = timed(lambda: engine.generate(prompts[:b], 1, seed=1, **sampling), device, 0, 0, 5)
+            print(f"# a call for 1 new token (prefill of {b} x {P - 1} tokens, snapshot refresh, one step): "
+                  f"{fixed * 1e3:.1f} ms")
+            if device.type == "cuda":
+                decode_step_profile(ours, engine, b, P, N, weight_bytes, bandwidth, with_eager=False)
         return
     with torch.inference_mode():
         # ---- 1. ours at every batch size
