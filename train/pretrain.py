@@ -11,7 +11,8 @@ step loop: micro-batches with the loss summed over tokens and divided by the glo
 target tokens (so neither accumulation nor world size changes the gradient), clipping, AdamW,
 eval and checkpoints. At the end: a training checkpoint, `final/` in Hugging Face format, a sample.
 
-Left out on purpose: tensor/pipeline/context parallelism, float8, MoE, curriculum or data mixing.
+Left out on purpose: tensor/pipeline/context parallelism, MoE, curriculum or data mixing. Float8
+matmuls are an option (`parallel.float8`).
 """
 
 from __future__ import annotations
