@@ -53,6 +53,7 @@ ROWS = [  # (name, mode, reference, checkpointing: ours activation checkpointing
     ("TRL full, ref copy, no ckpt", "trl", "copy", False),
     ("TRL full, precomputed, no ckpt", "trl", "precomputed", False),
     ("ours full, ref copy, 2B rows", "ours", "copy-unshared", False),
+    ("ours full, precomputed, 2B rows", "ours", "precomputed-unshared", False),
 ]
 # Pairs compared in the summary: (ours, TRL) with the same reference and the same checkpointing.
 COMPARE = [(6, 1), (7, 3), (4, 5), (0, 8), (2, 9)]
@@ -114,8 +115,8 @@ def run_ours(args, data: Path, reference: str, ckpt: bool) -> dict:
     argv += ["--parallel.activation_checkpointing", str(ckpt).lower()]
     if reference == "lora":
         argv += ["--lora.r", "16", "--lora.alpha", "32", "--dpo.reference", "adapters_off", "--optim.lr", "5e-6"]
-    elif reference == "copy-unshared":
-        argv += ["--dpo.reference", "copy", "--dpo.share_prompt", "false"]
+    elif reference.endswith("-unshared"):
+        argv += ["--dpo.reference", reference.removesuffix("-unshared"), "--dpo.share_prompt", "false"]
     else:
         argv += ["--dpo.reference", reference]
     precompute = {}
