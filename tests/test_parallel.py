@@ -1,11 +1,15 @@
 """train/parallel.py: a frozen model stored in the compute dtype computes what autocast computes; float8
-linear layers keep parameter names and compute what the plain model computes within float8's precision."""
+linear layers keep parameter names and compute what the plain model computes within float8's precision; the
+long-context options (chunked MLP, activations in host memory: exact; bf16 checkpoints: within bf16's rounding)
+keep parameter names, and a long step makes nothing quadratic in the sequence nor as wide as the vocabulary."""
 
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from model.config import ModelConfig
 from model.gpt import GPT
@@ -123,3 +127,151 @@ def test_float8_refuses_lora_and_gpus_without_float8(monkeypatch):
         model = GPT(ModelConfig.preset("tiny"))
     with pytest.raises(ValueError, match=r"parallel.float8 needs .* 8.9 or newer.*A100 is 8.0"):
         parallelize(model, ParallelConfig(float8=True), cuda)
+
+
+# ----------------------------------------------------------------------------- long context
+
+LONG = dict(activation_checkpointing=True, mlp_chunk_tokens=8, checkpoint_dtype="bf16", offload_activations=True)
+
+
+def _loss_and_grads(model, ids, targets):
+    for p in model.parameters():
+        p.grad = None
+    loss = model(ids, targets=targets)
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+def _batch(model):
+    """Inputs and targets, 2 rows of 37 tokens: 74 in all, not a multiple of the chunk of 8."""
+    return torch.randint(0, model.config.vocab_size, (2, 2, 37), generator=torch.Generator().manual_seed(0))
+
+
+def test_long_context_options_keep_parameter_names():
+    for preset in ("tiny", "tiny-qwen3"):
+        with torch.device("meta"):
+            plain = GPT(ModelConfig.preset(preset))
+            changed = parallelize(copy.deepcopy(plain), ParallelConfig(compile=True, **LONG), CPU)
+        assert list(changed.state_dict()) == list(plain.state_dict())
+        assert [n for n, _ in changed.named_parameters()] == [n for n, _ in plain.named_parameters()]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ac", "ac"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3"])
+def test_mlp_chunks_give_the_plain_models_loss_and_gradients(preset, checkpointing):
+    plain = _model(preset)
+    chunked = parallelize(copy.deepcopy(plain), ParallelConfig(mlp_chunk_tokens=8,
+                                                               activation_checkpointing=checkpointing), CPU)
+    ids, targets = _batch(plain)
+    loss, grads = _loss_and_grads(plain, ids, targets)
+    chunked_loss, chunked_grads = _loss_and_grads(chunked, ids, targets)
+    # The same float32 sums, in chunks: equal up to the order of the weight gradients' sums over tokens (measured:
+    # within 4e-7 of each gradient's largest entry, float32's rounding).
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-6, atol=0)
+    assert _largest_error(chunked_grads, grads) < 2e-6
+
+
+def _largest_error(got: dict, want: dict) -> float:
+    """The largest gap between two sets of gradients, each relative to the largest entry of its own."""
+    return max(((got[n] - g).abs().max() / g.abs().max()).item() for n, g in want.items())
+
+
+def test_mlp_chunks_save_no_intermediate_of_the_whole_sequence():
+    """What autograd keeps for backward: the plain MLP keeps (tokens, intermediate) tensors (gate, up, their
+    product), the chunked one only its chunks' inputs, recomputing the rest chunk by chunk."""
+    plain = _model("tiny")
+    ids, targets = _batch(plain)
+    width, tokens = plain.config.intermediate_size, ids.numel()
+
+    def saved_shapes(model):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
+            model(ids, targets=targets)
+        return shapes
+
+    def sequence_wide(shapes):
+        return [s for s in shapes if s[-1] == width and s[:-1].numel() == tokens]
+
+    assert sequence_wide(saved_shapes(plain))
+    chunked = parallelize(copy.deepcopy(plain), ParallelConfig(mlp_chunk_tokens=8), CPU)
+    assert not sequence_wide(saved_shapes(chunked))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ac", "ac"])
+def test_offloaded_activations_give_the_plain_models_loss_and_gradients_exactly(checkpointing):
+    plain = _model("tiny-qwen3")
+    offloaded = parallelize(copy.deepcopy(plain), ParallelConfig(offload_activations=True,
+                                                                 activation_checkpointing=checkpointing), CPU)
+    ids, targets = _batch(plain)
+    loss, grads = _loss_and_grads(plain, ids, targets)
+    seen = []  # hooks around the call: the model's own (host memory) are inside, so these must see nothing
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.shape) or t, lambda t: t):
+        offloaded_loss, offloaded_grads = _loss_and_grads(offloaded, ids, targets)
+    assert not seen
+    torch.testing.assert_close(offloaded_loss, loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(offloaded_grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_bf16_checkpoints_keep_the_loss_and_round_only_the_recomputed_gradients():
+    """The forward runs on the float32 stream as before (the same loss, bit for bit); backward differentiates a
+    recompute from the block inputs rounded to bf16 (8 significant bits): each gradient moves by about 2^-8 of its
+    size (measured: at most 0.4% of the largest entry, with the other options on too), and does move."""
+    plain = _model("tiny")
+    ids, targets = _batch(plain)
+    loss, grads = _loss_and_grads(plain, ids, targets)
+    for options in (dict(activation_checkpointing=True, checkpoint_dtype="bf16"), LONG):
+        rounded = parallelize(copy.deepcopy(plain), ParallelConfig(**options), CPU)
+        rounded_loss, rounded_grads = _loss_and_grads(rounded, ids, targets)
+        torch.testing.assert_close(rounded_loss, loss, rtol=0, atol=0)
+        assert 0 < _largest_error(rounded_grads, grads) < 2**-6
+
+
+def test_bf16_checkpoints_need_activation_checkpointing():
+    with pytest.raises(ValueError, match="parallel.checkpoint_dtype"):  # at config time
+        parse_config(SFTConfig, ["--model.preset", "tiny", "--parallel.checkpoint_dtype", "bf16"])
+    with torch.device("meta"):
+        model = GPT(ModelConfig.preset("tiny"))
+    with pytest.raises(ValueError, match="parallel.checkpoint_dtype"):  # and in parallelize
+        parallelize(model, ParallelConfig(checkpoint_dtype="bf16"), CPU)
+
+
+class _LargestOutput(TorchDispatchMode):
+    """The most elements of any tensor an op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.op = t.numel(), func
+        return out
+
+
+def test_long_step_makes_nothing_quadratic_in_the_sequence_nor_vocabulary_wide(monkeypatch):
+    """One training step at 1024 tokens (beyond the preset's max_seq_len of 256) with every long-context option on:
+    attention gets no mask (SDPA's causal kernels keep O(T) memory), and no op returns a tensor larger than the
+    (T, hidden) stream: no (T, T) scores, no (T, vocab) logits (the head's chunks, set here to 64 tokens), no
+    (T, intermediate) MLP tensors."""
+    import algos.logprobs
+
+    monkeypatch.setattr(algos.logprobs, "_default_chunk", lambda vocab_size: 64)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((attn_mask, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = parallelize(_model("tiny"), ParallelConfig(**{**LONG, "mlp_chunk_tokens": 64}), CPU)
+    T, C = 1024, model.config.hidden_size
+    ids = torch.randint(0, model.config.vocab_size, (1, T))
+    mode = _LargestOutput()
+    with mode:
+        model(ids, targets=ids).backward()
+    assert calls and all(mask is None and causal for mask, causal in calls)
+    assert mode.numel <= T * C, (mode.numel, mode.op)

@@ -103,7 +103,9 @@ def build(r: plan.Recipe, compile_backend: str | None = None) -> GPT:
     if r.lora is not None:
         apply_lora(model, r.lora.targets, r.lora.r, r.lora.alpha, r.lora.dropout)
         freeze_base(model, r.lora, torch.device("cpu"))
-    parallelize(model, ParallelConfig(activation_checkpointing=r.checkpointing), DistInfo(0, 1, 0, torch.device("cpu")))
+    parallel = ParallelConfig(activation_checkpointing=r.checkpointing, mlp_chunk_tokens=r.mlp_chunk_tokens,
+                              checkpoint_dtype=r.checkpoint_dtype, offload_activations=r.offload)
+    parallelize(model, parallel, DistInfo(0, 1, 0, torch.device("cpu")))
     if compile_backend:
         for block in model.layers:
             block.compile(backend=compile_backend)
@@ -127,7 +129,8 @@ def measure_saved(model: GPT, r: plan.Recipe) -> dict[str, int]:
     def pack(t):
         for s in storages(t):
             if id(s) not in params and id(s) not in saved:
-                token_shaped = t.dim() >= 1 and t.shape[0] in (r.rows, r.rows * r.seq_len)
+                whole = t._base if t._base is not None else t  # a chunk of the MLP's input: a view of it all
+                token_shaped = whole.dim() >= 1 and whole.shape[0] in (r.rows, r.rows * r.seq_len)
                 where = region[0]
                 if where == "blocks" and not token_shaped:
                     where = "weight copies"
@@ -351,6 +354,84 @@ def test_step_peak_with_many_loss_chunks(name, monkeypatch):
     measured = measure_step_peak(r)
     p = plan.memory_plan(r)
     assert within(p.peak - p.components["parameters"] - p.components["optimizer"], measured, 0.02)
+
+
+# ---- the long-context options of train/parallel.py ----------------------------------------------------
+# The MLP in chunks of 16 of the 120 tokens (the last chunk short); block inputs kept in bf16. Offloading has
+# no CPU measurement (host and device memory are one there): its test checks the plan's bookkeeping.
+
+CHUNKED = ["full fp32", "full bf16 autocast", "lora bf16 base", "lora fp32", "qwen3 bf16 autocast"]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ac", "ac"])
+@pytest.mark.parametrize("name", CHUNKED)
+def test_saved_activations_with_mlp_chunks_exact(name, checkpointing):
+    r = dataclasses.replace(RECIPES[name], checkpointing=checkpointing, mlp_chunk_tokens=16)
+    got = measure_saved(build(r), r)
+    assert plan.activation_bytes(r) == got["blocks"] + got["outside"]
+    assert plan.head_saved_bytes(r) == got["head"]
+    # The MLP's weight casts are only cached by autocast now (its chunks save nothing outside themselves).
+    assert got["weight copies"] <= plan.weight_copy_bytes(r, plan.parameter_table(r))
+
+
+@pytest.mark.parametrize("name", ["full bf16 autocast", "lora fp32"])  # (qlora too: 4 s more)
+def test_saved_activations_compiled_blocks_with_mlp_chunks_exact(name):
+    r = dataclasses.replace(RECIPES[name], compile=True, mlp_chunk_tokens=16)
+    torch._dynamo.reset()
+    try:
+        got = measure_saved(build(r, compile_backend="aot_eager_decomp_partition"), r)
+    finally:
+        torch._dynamo.reset()
+    assert plan.activation_bytes(r) == got["blocks"] + got["outside"]
+    assert plan.head_saved_bytes(r) == got["head"]
+
+
+LONG_OPTIONS = {"chunks": dict(mlp_chunk_tokens=16),
+                "bf16 checkpoints": dict(checkpointing=True, checkpoint_dtype="bf16"),
+                "both": dict(checkpointing=True, checkpoint_dtype="bf16", mlp_chunk_tokens=16)}
+
+
+@pytest.mark.parametrize("options", list(LONG_OPTIONS))
+@pytest.mark.parametrize("name", ["full bf16 autocast", "lora bf16 base"])
+def test_forward_end_live_bytes_with_long_context_options(name, options):
+    """bf16 checkpoints: the hooks' bf16 copies are alive, the float32 block outputs they copy are not."""
+    r = dataclasses.replace(RECIPES[name], **LONG_OPTIONS[options])
+    model = build(r)
+    ids = torch.randint(0, 512, (B, T))
+    mode = LiveBytes()
+    with mode, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, targets=ids)
+        live = mode.live
+    del out
+    plan_ = plan.memory_plan(r)
+    predicted = plan_.components["activations"] + plan_.components["weight copies"] + plan_.components["head saved"]
+    assert within(predicted, live, 0.01), (predicted, live)
+
+
+@pytest.mark.parametrize("options", list(LONG_OPTIONS))
+@pytest.mark.parametrize("name", ["full bf16 autocast", "lora bf16 base", "full fp32"])
+def test_step_peak_with_long_context_options_within_10_percent(name, options):
+    # 1 x 512 tokens in chunks of 64: the MLP's (tokens x intermediate) tensors would dominate a block.
+    r = dataclasses.replace(RECIPES[name], rows=1, seq_len=512, **LONG_OPTIONS[options])
+    r = dataclasses.replace(r, mlp_chunk_tokens=64 if r.mlp_chunk_tokens else 0)
+    measured = measure_step_peak(r)
+    p = plan.memory_plan(r)
+    predicted = p.peak - p.components["parameters"] - p.components["optimizer"]
+    assert within(predicted, measured, 0.10), (predicted, measured, p.peak_phase)
+
+
+def test_offload_moves_the_forwards_saved_tensors_to_host_memory():
+    """llama-3.2-1b at 524,288 tokens, checkpointed and compiled: the block inputs, the final norm's and the output
+    head's saved tensors leave the GPU (the shared RoPE tables stay); backward brings one block's back at a time."""
+    r = plan.Recipe(model=ModelConfig.preset("llama-3.2-1b"), rows=1, seq_len=2**19, checkpointing=True, compile=True,
+                    mlp_chunk_tokens=2**14)
+    kept, offloaded = plan.memory_plan(r), plan.memory_plan(dataclasses.replace(r, offload=True))
+    rope = r.tokens * 2 * 64 * 4  # cos and sin, (T, head_dim) float32
+    moved = kept.components["activations"] + kept.components["head saved"] - rope
+    assert offloaded.components["offloaded"] == moved
+    assert offloaded.components["activations"] == rope and offloaded.components["head saved"] == 0
+    assert offloaded.peak < kept.peak - 0.9 * moved + kept.components["head chunk"]
+    assert all("offloaded" not in phase for phase in offloaded.phases.values())
 
 
 # ---- FSDP2 on two CPU ranks: each rank's shards and activations, exact -------------------------------

@@ -82,6 +82,16 @@ class ParallelConfig:
     """Float8 matmuls (torchao, tensorwise dynamic scales) in the blocks' linear layers (q/k/v/o, gate/up/down; not the
     output head, nor layers whose sizes are not multiples of 16); fast with compile. Needs a GPU of compute capability
     8.9+ (H100, H200, L40S); emulated on CPU (tests). Full training only: not with lora."""
+    mlp_chunk_tokens: int = 0
+    """Long sequences: run each block's MLP over this many tokens at a time, each chunk recomputed in backward, so
+    one chunk's (tokens x intermediate) tensors exist at once instead of the sequence's; the same result (0: off)."""
+    checkpoint_dtype: Literal["same", "bf16"] = "same"
+    """Long sequences, with activation_checkpointing: keep each block's input (the float32 residual stream under
+    autocast) in bf16 until its recompute, half the bytes; the loss is unchanged, gradients move within bf16's
+    rounding."""
+    offload_activations: bool = False
+    """Long sequences: keep what the forward saves for backward in host memory (pinned; copied back as backward needs
+    it). Best with activation_checkpointing: then only the blocks' inputs and the output head's tensors move."""
 
 
 @dataclass
@@ -279,6 +289,7 @@ FIELD_BOUNDS: dict[str, Bound] = {
     # counts where 0 means off / none
     "seed": AT_LEAST_0, "eval_every": AT_LEAST_0, "checkpoint.every": AT_LEAST_0, "keep_last": AT_LEAST_0,
     "warmup_steps": AT_LEAST_0, "max_skipped_steps": AT_LEAST_0, "sample_tokens": AT_LEAST_0,
+    "mlp_chunk_tokens": AT_LEAST_0,
     # rates and scales
     "lr": ABOVE_0, "eps": ABOVE_0, "alpha": ABOVE_0, "temperature": ABOVE_0, "dpo.beta": ABOVE_0,
     "weight_decay": AT_LEAST_0, "grad_clip": AT_LEAST_0, "simpo_gamma_beta_ratio": AT_LEAST_0,
@@ -362,6 +373,9 @@ def _check_relations(cfg) -> list[str]:
     if _get(cfg, "parallel.float8") is True and _get(cfg, "lora") is not None:
         out.append("parallel.float8: float8 training converts plain nn.Linear layers for full training; it does not "
                    "combine with lora (LoRA adapters, NF4 base weights): set parallel.float8 false or lora null")
+    if _get(cfg, "parallel.checkpoint_dtype") == "bf16" and _get(cfg, "parallel.activation_checkpointing") is False:
+        out.append("parallel.checkpoint_dtype: bf16 sets how checkpointed blocks keep their input; set "
+                   "parallel.activation_checkpointing true (or checkpoint_dtype same)")
     model = _get(cfg, "model")
     if isinstance(model, ModelSource):
         if not (model.preset or model.checkpoint):

@@ -69,7 +69,7 @@ from train.preference_data import (
 from train.dist import all_reduce_sum, barrier, catch_stop_signals, setup_distributed, teardown_distributed
 from train.log import Throughput
 from train.optim import build_optimizer, clip_grad_norm_, lr_at
-from train.parallel import autocast, freeze_in_compute_dtype, parallelize
+from train.parallel import autocast, forward_only, freeze_in_compute_dtype, parallelize
 from train.plot import write_curves
 from train.run import check_finite, load_or_init_weights, report_export, resume_or_start, sample_chat, start_run
 
@@ -220,7 +220,7 @@ def main(cfg: DPOConfig) -> dict:
     if reference == "copy":
         with torch.device("meta"):
             ref_model = GPT(mcfg)
-        ref_model = parallelize(ref_model, dataclasses.replace(cfg.parallel, activation_checkpointing=False), dist)
+        ref_model = parallelize(ref_model, forward_only(cfg.parallel), dist)
         ref_model.to_empty(device=dist.device)
         load_or_init_weights(ref_model, ckpt_dir, cfg.seed)
         freeze_in_compute_dtype(ref_model, cfg.parallel, dist)

@@ -20,7 +20,8 @@ How memory is counted (bytes per GPU, from the real tensor shapes):
 - parameters, gradients, optimizer state: the network built on the meta device (LoRA swapped in,
   NF4 sizes from torchao's layout), each tensor split over the shard group as FSDP2 splits it;
 - activations: what autograd saves, op by op, in the small functions below (one per op group, the
-  docstring says what each term is), for eager blocks and for blocks compiled by torch.compile;
+  docstring says what each term is), for eager blocks and for blocks compiled by torch.compile, with
+  the long-context options of train/parallel.py (chunked MLP, bf16 checkpoints, offload to host);
 - the peak: the largest of the phases a step goes through (the end of the forward, inside the loss
   chunk; the backward; the reference pass; the optimizer step), each the sum of what is alive then.
 tests/test_plan.py checks each term against bytes measured on CPU; bench/RESULTS.md compares the
@@ -28,7 +29,11 @@ peaks with `torch.cuda.max_memory_allocated` of the bench/ runs.
 
 Left out: the CUDA context and allocator fragmentation (so a run fits when its peak stays under
 `--headroom` of the card), NCCL's buffers, compile's workspaces, tensor/context/pipeline
-parallelism, packed rows shorter than the longest (the plan assumes every row is full length).
+parallelism, packed rows shorter than the longest (the plan assumes every row is full length),
+attention kernels' backward workspaces (flash's float32 dq accumulator: 4 bytes x heads x head_dim
+per token, for one block at a time). Offloaded activations are a prediction nothing measures on CPU
+(there host and device memory are one): the GPU side drops them, the host side is a lower bound
+without checkpointing (save_on_cpu copies a tensor each time an op saves it).
 """
 
 from __future__ import annotations
@@ -87,6 +92,12 @@ class Recipe:
     after the policy's forward, with the policy's activations alive."""
     chunk_tokens: int | None = None
     """Tokens per output-projection chunk (None: algos/logprobs.py's 2**28 // vocab)."""
+    mlp_chunk_tokens: int = 0
+    """parallel.mlp_chunk_tokens: each MLP runs over chunks of this many tokens, recomputed in backward (0: off)."""
+    checkpoint_dtype: Literal["same", "bf16"] = "same"
+    """parallel.checkpoint_dtype: with checkpointing, the blocks' inputs kept in bf16."""
+    offload: bool = False
+    """parallel.offload_activations: what the forward saves lives in host memory."""
 
     @property
     def tokens(self) -> int:
@@ -224,8 +235,9 @@ def weight_copy_bytes(r: Recipe, table: list[Param]) -> int:
     """Autocast (one process, bf16) casts every float32 weight to bf16 at each use. A trainable
     weight's cast is cached until the forward's autocast region ends and saved for backward, with or
     without checkpointing; a frozen float32 weight's cast is saved when its input needs a gradient
-    (not the first block's q/k/v under LoRA), unless checkpointing drops it. The output layer casts
-    its own copy inside the loss (counted with the loss chunk)."""
+    (not the first block's q/k/v under LoRA), unless checkpointing (or, for the MLP's, its chunks'
+    checkpoints) drops it. The output layer casts its own copy inside the loss (counted with the
+    loss chunk)."""
     c = compute_bytes(r)
     if not uses_autocast(r):
         return 0
@@ -235,7 +247,8 @@ def weight_copy_bytes(r: Recipe, table: list[Param]) -> int:
             continue
         leaf = p.name.rsplit(".", 2)[-2]  # q_proj in layers.0.self_attn.q_proj.weight or .lora_A
         no_input_grad = r.lora is not None and p.block == 0 and leaf in ("q_proj", "k_proj", "v_proj")
-        if p.trainable or (not r.checkpointing and not no_input_grad):
+        dropped = r.checkpointing or (r.mlp_chunk_tokens and leaf in MLP_LAYERS)
+        if p.trainable or (not dropped and not no_input_grad):
             total += p.numel * c
     return total
 
@@ -345,10 +358,16 @@ def block_saved_eager(r: Recipe, first: bool) -> int:
     total += attention_saved(cfg, c)
     total += projections_saved(r, ("o_proj",), HD, c, input_saved=True)
     total += rmsnorm_saved(C, 1, s, full)
-    total += projections_saved(r, ("gate_proj", "up_proj"), C, s)
-    total += mlp_saved(cfg, c)
-    total += projections_saved(r, ("down_proj",), I, c)
-    return total
+    if r.mlp_chunk_tokens:  # each chunk's checkpoint keeps its input, a view of the norm's output
+        return total + s * C
+    return total + mlp_block_saved_eager(r)
+
+
+def mlp_block_saved_eager(r: Recipe) -> int:
+    """Bytes per token an eager MLP saves: what its projections keep of their inputs, and SwiGLU's."""
+    cfg, c, s = r.model, compute_bytes(r), stream_bytes(r)
+    return (projections_saved(r, ("gate_proj", "up_proj"), cfg.hidden_size, s) + mlp_saved(cfg, c)
+            + projections_saved(r, ("down_proj",), cfg.intermediate_size, c))
 
 
 def block_saved_compiled(r: Recipe, first: bool) -> int:
@@ -360,7 +379,9 @@ def block_saved_compiled(r: Recipe, first: bool) -> int:
     attention output and logsumexp; the attention branch's output (the residual after it is
     rebuilt from it); gate and up, and their product when down_proj trains or has an adapter; each
     adapter's rank-r product; under autocast a cast copy of the attention output for an o_proj
-    adapter. Measured with the aot_eager_decomp_partition backend, which partitions as inductor."""
+    adapter. With the MLP in checkpointed chunks nothing of the MLP: the partitioner rebuilds each
+    chunk's input from what the attention half keeps. Measured with the aot_eager_decomp_partition
+    backend, which partitions as inductor."""
     cfg, c, s = r.model, compute_bytes(r), stream_bytes(r)
     C, HD, KD, I = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
     lora = adapted(r)
@@ -375,10 +396,26 @@ def block_saved_compiled(r: Recipe, first: bool) -> int:
     total += attention_saved(cfg, c)
     total += c * HD if ("o_proj" in lora and uses_autocast(r)) else 0
     total += min(s, c) * C + 4
-    total += c * C if needs_input("gate_proj", "up_proj") else 0
-    total += 2 * c * I + (c * I if needs_input("down_proj") else 0)
-    total += c * r.lora.r * len(lora) if r.lora is not None else 0
-    return total
+    total += c * r.lora.r * len(lora - MLP_LAYERS) if r.lora is not None else 0
+    return total + (0 if r.mlp_chunk_tokens else mlp_block_saved_compiled(r))
+
+
+MLP_LAYERS = {"gate_proj", "up_proj", "down_proj"}
+
+
+def mlp_block_saved_compiled(r: Recipe) -> int:
+    """Bytes per token a compiled block saves for its MLP: the norm's output once in the compute dtype
+    when gate or up needs it, gate and up, their product when down_proj needs it, the adapters'
+    rank-r products."""
+    cfg, c, lora = r.model, compute_bytes(r), adapted(r)
+    C, I = cfg.hidden_size, cfg.intermediate_size
+
+    def needs_input(*names: str) -> bool:
+        return r.lora is None or any(n in lora for n in names)
+
+    total = (c * C if needs_input("gate_proj", "up_proj") else 0) + 2 * c * I
+    total += c * I if needs_input("down_proj") else 0
+    return total + (c * r.lora.r * len(lora & MLP_LAYERS) if r.lora is not None else 0)
 
 
 def block_saved(r: Recipe, first: bool) -> int:
@@ -399,14 +436,26 @@ def outside_blocks_saved(r: Recipe) -> int:
 def activation_bytes(r: Recipe, checkpointing: bool | None = None) -> int:
     """Activations saved for backward by one micro-batch (rows x seq_len tokens), at the end of its
     forward. With activation checkpointing each block keeps only its input (the stream, s bytes per
-    token); its saved tensors come back one block at a time in backward (block_recompute_bytes)."""
+    token; 2 with checkpoint_dtype bf16); its saved tensors come back one block at a time in backward
+    (block_recompute_bytes)."""
     checkpointing = r.checkpointing if checkpointing is None else checkpointing
-    L, s = r.model.num_layers, stream_bytes(r)
+    L = r.model.num_layers
     if checkpointing:
-        per_token = L * s * r.model.hidden_size
+        per_token = L * checkpoint_input_bytes(r) * r.model.hidden_size
     else:
         per_token = block_saved(r, first=True) + (L - 1) * block_saved(r, first=False)
     return r.tokens * (per_token + outside_blocks_saved(r))
+
+
+def checkpoint_input_bytes(r: Recipe) -> int:
+    """Bytes per element of a checkpointed block's kept input: the stream's, or bf16's."""
+    return 2 if r.checkpoint_dtype == "bf16" else stream_bytes(r)
+
+
+def resident_activation_bytes(r: Recipe) -> int:
+    """What stays on the GPU of the forward's saved activations with offload_activations: with
+    checkpointing the RoPE tables (the blocks keep them, shared, where they are), else nothing."""
+    return r.tokens * 2 * r.model.head_dim * stream_bytes(r) if r.checkpointing else 0
 
 
 def block_recompute_bytes(r: Recipe) -> int:
@@ -419,10 +468,17 @@ def backward_working_bytes(r: Recipe) -> int:
     goes: the stream's gradient and one c-byte (tokens x I) gradient in the MLP; an adapter's input
     gradient passes through float32 on its way back through autocast's casts (4 bytes per I more).
     A trainable weight's gradient, made in the compute dtype, is copied to float32 to accumulate:
-    the largest (C x I) in both dtypes. An estimate (tests/test_plan.py measures the whole peak)."""
+    the largest (C x I) in both dtypes. With the MLP in chunks, its gradient is one chunk's, beside
+    that chunk's recomputed saved tensors. An estimate (tests/test_plan.py measures the whole peak)."""
     cfg, c, s = r.model, compute_bytes(r), stream_bytes(r)
     fp32_detour = 4 if (r.lora is not None and uses_autocast(r)) else 0
-    acts = r.tokens * (s * cfg.hidden_size + (c + fp32_detour) * cfg.intermediate_size)
+    mlp = (c + fp32_detour) * cfg.intermediate_size
+    if r.mlp_chunk_tokens:
+        n = min(r.tokens, r.mlp_chunk_tokens)
+        mlp_saved_per_token = mlp_block_saved_compiled(r) if r.compile else mlp_block_saved_eager(r)
+        acts = r.tokens * s * cfg.hidden_size + n * (mlp + mlp_saved_per_token)
+    else:
+        acts = r.tokens * (s * cfg.hidden_size + mlp)
     weight = cfg.hidden_size * cfg.intermediate_size * (c + 4 if c != 4 else 4) if r.lora is None else 0
     return acts + weight
 
@@ -565,6 +621,7 @@ LABELS = {
     "backward working": "  gradients flowing through one block",
     "head saved": "output projection + loss: saved",
     "head chunk": "output projection + loss: one chunk",
+    "offloaded": "saved activations in host memory (offload)",
     "reference": "reference model",
     "reference pass": "  reference forward (transient)",
     "kv cache": "rollout KV cache",
@@ -598,7 +655,8 @@ def memory_plan(r: Recipe) -> Plan:
     optimizer step: parameters, gradients and AdamW state.
     Parameters, AdamW state, a reference copy and a rollout cache are alive throughout, and the
     gradients too when the step accumulates (grads_held); otherwise they grow through the backward
-    as the activations are freed."""
+    as the activations are freed. With offload, the activations and the head's saved tensors are in
+    host memory (never in a phase); each block's come back for its backward, as a recompute does."""
     table = parameter_table(r)
     L = r.model.num_layers
     copies = weight_copy_bytes(r, table) + fsdp_in_flight_bytes(r, table)
@@ -612,10 +670,15 @@ def memory_plan(r: Recipe) -> Plan:
         "backward working": backward_working_bytes(r) + fsdp_gradient_in_flight_bytes(r, table),
         "head saved": head_saved_bytes(r),
         "head chunk": head_chunk_bytes(r),
+        "offloaded": 0,
         "reference": reference_bytes(r, table),
         "reference pass": reference_pass_bytes(r),
         "kv cache": rollout_cache_bytes(r),
     }
+    if r.offload:
+        comp["offloaded"] = comp["activations"] + comp["head saved"] - resident_activation_bytes(r)
+        comp["activations"], comp["head saved"] = resident_activation_bytes(r), 0
+        comp["recompute"] = block_recompute_bytes(r)  # one block's saved tensors back at a time
     resident = ("parameters", "optimizer", "reference", "kv cache") + (("gradients",) if r.grads_held else ())
 
     def alive(*keys: str) -> dict[str, int]:
@@ -626,7 +689,7 @@ def memory_plan(r: Recipe) -> Plan:
         forward["head chunk"] = 0
     backward = alive("weight copies", "activations", "recompute", "backward working", "head saved")
     one_block_copies = comp["weight copies"] // L if r.shard == 1 else comp["weight copies"]
-    if r.checkpointing:  # autocast's cache of the weight casts ended with the forward: one block's again
+    if r.checkpointing or r.offload:  # autocast's cache of the weight casts ended with the forward: one block's again
         backward["weight copies"] = one_block_copies
     if r.head == "logprobs":  # the head's backward runs (and frees its chunks) before any block's
         block = comp["recompute"] + comp["backward working"]
@@ -850,7 +913,9 @@ def run_from_config(loop: str, cfg, world: int) -> Run:
     par = cfg.parallel
     replicate = par.dp_replicate if world % par.dp_replicate == 0 else 1
     common = dict(model=mcfg, compute="fp32" if par.mixed_precision == "fp32" else "bf16", shard=world // replicate,
-                  checkpointing=par.activation_checkpointing, compile=par.compile)
+                  checkpointing=par.activation_checkpointing, compile=par.compile,
+                  mlp_chunk_tokens=par.mlp_chunk_tokens, checkpoint_dtype=par.checkpoint_dtype,
+                  offload=par.offload_activations)
     lora = getattr(cfg, "lora", None)
     kv = None
     if loop == "pretrain":
@@ -949,6 +1014,9 @@ def memory_table(run: Run, world: int, capacity: int, gpu_gib: float) -> str:
     out.append(f"{'largest micro-batch (' + unit + f') in {capacity / GiB:.0f} of {gpu_gib:g} GiB':52s} "
                f"{shown[0]:>17s} {shown[1]:>14s}")
     out.append(f"(x): not alive at the peak. The config runs {'with' if chosen else 'without'} checkpointing.")
+    if run.recipe.offload:
+        out.append("offload_activations: the host memory (pinned) holds what the GPU peak leaves out; the largest "
+                   "micro-batch counts the GPU only.")
     return "\n".join(out)
 
 
