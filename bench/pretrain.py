@@ -90,11 +90,57 @@ def measure(name, model, forward, cfg, args, device, flops_per_token=None):
         loss = step()
     loss = loss.item()  # waits for the GPU
     elapsed = time.perf_counter() - t0
+    if args.profile and device.type == "cuda":
+        print_kernel_table(name, step, elapsed / args.steps)
     tps = tokens * args.steps / elapsed
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     flops = flops_per_token or cfg.flops_per_token(args.seq_len)
     mfu = tps * flops / PEAK if device.type == "cuda" else float("nan")
     return {"name": name, "tokens_per_s": tps, "mfu": mfu, "peak_gib": peak_mem, "loss": loss}
+
+
+# Kernel names to the parts of bench/budget.py's step, first match wins (cuBLAS's Hopper kernels are
+# nvjet_* or sm90_xmma_*; inductor's Triton matmul templates are triton_tem_*mm*; the rest of
+# inductor's Triton kernels are the fused elementwise work and reductions).
+KERNEL_PARTS = [
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "splitkreduce", "triton_tem")),
+    ("optimizer + clipping (multi-tensor)", ("multi_tensor", "adam")),
+    ("compiled elementwise + reductions (Triton)", ("triton_",)),
+    ("copies and fills", ("memcpy", "memset", "copy_", "fill")),
+]
+
+
+def kernel_part(name: str) -> str:
+    lower = name.lower()
+    return next((part for part, keys in KERNEL_PARTS if any(k in lower for k in keys)), "other (eager ATen)")
+
+
+def print_kernel_table(name, step, seconds_per_step, steps=3):
+    """Profile `steps` more steps and print where the GPU's time went, by part and by kernel, beside
+    the wall time of a step: what the kernels leave of it is time the GPU waited (launches, host
+    syncs). Compare the parts with `python bench/budget.py`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    parts: dict[str, float] = {}
+    for e in events:
+        parts[kernel_part(e.key)] = parts.get(kernel_part(e.key), 0.0) + e.self_device_time_total / 1e3 / steps
+    busy = sum(parts.values())
+    wall = seconds_per_step * 1e3
+    print(f"# {name}: GPU time by part, ms a step (a step takes {wall:.1f} ms; kernels {busy:.1f})")
+    for part, ms in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"#   {part:44s} {ms:8.1f} {ms / wall:6.1%}")
+    print(f"#   {'no kernel running (launch gaps, syncs)':44s} {wall - busy:8.1f} {(wall - busy) / wall:6.1%}")
+    print(f"# {name}: the 15 kernels that take longest, ms a step")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"#   {e.self_device_time_total / 1e3 / steps:8.2f} {e.count // steps:5d}x  {kernel_part(e.key)[:9]:9s} {e.key[:80]}")
+    sys.stdout.flush()
 
 
 def fresh_memory(device):
@@ -123,6 +169,9 @@ def main():
     p.add_argument("--ac", action="store_true", help="activation checkpointing for every row")
     p.add_argument("--compile", action="store_true", help="also compile the non-'compiled' rows")
     p.add_argument("--rows", default="ours,ours compiled,hf eager,hf compiled")
+    p.add_argument("--profile", action="store_true",
+                   help="after each row's timed steps, profile 3 steps: GPU time by part (as bench/budget.py splits "
+                        "a step) and the longest kernels")
     p.add_argument("--float8", action="store_true",
                    help="also time ours with parallel.float8 ('ours float8 compiled' after 'ours compiled')")
     args = p.parse_args()
