@@ -54,7 +54,7 @@ from train.config import (
     resolve_model, to_dict,
 )
 from train.dist import all_reduce_sum, barrier, catch_stop_signals, setup_distributed, teardown_distributed
-from train.log import Throughput
+from train.log import Throughput, seconds_since
 from train.optim import build_optimizer, clip_grad_norm_, lr_at
 from train.parallel import autocast, compute_dtype, forward_only, freeze_in_compute_dtype, parallelize
 from train.prompt_data import PromptDataset
@@ -315,7 +315,7 @@ def main(cfg: GRPOConfig, reward_funcs: list[Callable] | None = None) -> dict:
                     batch["ref_logps"] = completion_logps(ref_model or model, batch, cfg.grpo.temperature)
             normaliser += NORMALISERS[cfg.grpo.loss_type](batch["loss_mask"], cfg.grpo.max_completion_len)
             micro_batches.append(batch)
-        times["reference"] = time.perf_counter() - t0
+        times["reference"] = seconds_since(t0, dist.device)  # its GPU work done: not counted as training's
         model.train()
 
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
@@ -399,8 +399,8 @@ def main(cfg: GRPOConfig, reward_funcs: list[Callable] | None = None) -> dict:
         n_tokens = token_stats[5].clamp(min=1)
         step_metrics = {**rollout["stats"], "clip/low": token_stats[0] / n_tokens, "clip/high": token_stats[1] / n_tokens,
                         "kl": token_stats[2] / n_tokens, "logprob_mismatch": token_stats[3] / n_tokens,
-                        "entropy": token_stats[4] / n_tokens,
-                        **{f"time/{k}": v for k, v in rollout["times"].items()}, "time/train": time.perf_counter() - t0}
+                        "entropy": token_stats[4] / n_tokens, **{f"time/{k}": v for k, v in rollout["times"].items()},
+                        "time/train": seconds_since(t0, dist.device)}
         rollout["times"] = {}  # a reused rollout (mu > 1) reports no generation time again
         # <<< algorithm
         # One all-reduce for the loss and the stop flag (any rank told to stop stops them all).

@@ -76,6 +76,14 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def seconds_since(t0: float, device: torch.device) -> float:
+    """Seconds since t0 (time.perf_counter), once the device has run the work queued so far: a phase's
+    time must not leave its GPU work to be counted in the next phase's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def format_line(step: int, total: int | None, r: dict) -> str:
     width = len(str(total)) if total else 1
     parts = [f"{r.get('split', 'train'):5s} step {step:>{width}}" + (f"/{total}" if total else "")]
