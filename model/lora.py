@@ -103,6 +103,26 @@ def is_nf4(t: Tensor) -> bool:
 # ----------------------------------------------------------------------------- the NF4 matmul
 
 
+# Set inside activation-checkpointed blocks (keep_dequantized_weights): see nf4_linear.
+_keep_dequantized = False
+
+
+@contextlib.contextmanager
+def keep_dequantized_weights():
+    """While active, an NF4 layer saves the weight it dequantized in forward for its backward, instead
+    of dequantizing it again there. For activation-checkpointed blocks (train/parallel.py enters it
+    for both runs of each checkpointed forward): the first run's saved tensors are dropped anyway, and
+    the recompute's, one block's weights at full size, are freed after that block's backward. Each
+    NF4 weight is then dequantized twice a step with checkpointing (forward, recompute), as without
+    it (forward, backward)."""
+    global _keep_dequantized
+    before, _keep_dequantized = _keep_dequantized, True
+    try:
+        yield
+    finally:
+        _keep_dequantized = before
+
+
 def nf4_linear(x: Tensor, weight: Tensor) -> Tensor:
     """x @ W^T for a torchao NF4Tensor W (out, in), which gets no gradient. W is dequantized in
     forward and again in backward for x's gradient, so backward keeps only the NF4 tensor's own
@@ -115,6 +135,9 @@ def nf4_linear(x: Tensor, weight: Tensor) -> Tensor:
     autocast dtype, as F.linear's input would be."""
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
+    if _keep_dequantized:  # the dequantized W is saved by F.linear for x's gradient (an opaque op makes
+        # it: compiled, the partitioner could otherwise choose to redo the dequantization in backward)
+        return F.linear(x, _nf4_dequantized(*_nf4_parts(weight), dtype=x.dtype))
     return _nf4_matmul(x, *_nf4_parts(weight), transposed=True)
 
 
@@ -163,6 +186,30 @@ def _nf4_matmul(
     w = nf4_dequantize(quantized_data, quantized_scalers, quantization_factor, scaler_mean, levels,
                        block_size, scaler_block_size, shape).to(a.dtype)
     return F.linear(a, w) if transposed else a @ w
+
+
+@torch.library.custom_op("handloom::nf4_dequantized", mutates_args=())
+def _nf4_dequantized(
+    quantized_data: Tensor,
+    quantized_scalers: Tensor,
+    quantization_factor: Tensor,
+    scaler_mean: Tensor,
+    levels: Tensor,
+    block_size: int,
+    scaler_block_size: int,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> Tensor:
+    """nf4_dequantize as one opaque op, in `dtype` (a fresh tensor: a custom op's output may not alias its inputs)."""
+    w = nf4_dequantize(quantized_data, quantized_scalers, quantization_factor, scaler_mean, levels, block_size,
+                       scaler_block_size, shape)
+    return w.to(dtype, copy=True)
+
+
+@_nf4_dequantized.register_fake
+def _(quantized_data, quantized_scalers, quantization_factor, scaler_mean, levels, block_size, scaler_block_size,
+      shape, dtype):
+    return quantized_data.new_empty(shape, dtype=dtype)
 
 
 @_nf4_matmul.register_fake

@@ -1,6 +1,7 @@
 """LoRA and QLoRA against PEFT: adapters cross-load both ways with equal logits; merge, disable,
 freezing, NF4 error bounds, QLoRA overfitting a batch, meta-device construction."""
 
+import contextlib
 import json
 import warnings
 
@@ -20,7 +21,7 @@ from model.config import ModelConfig
 from model.gpt import GPT, rope_cos_sin
 from model.lora import (
     LoRAConfig, LoRALinear, _nf4_parts, apply_lora, disable_lora, freeze_base, init_lora_weights, is_nf4,
-    lora_modules, lora_state_dict, merge_lora, nf4_dequantize, quantize_base_nf4, torchao_nf4,
+    keep_dequantized_weights, lora_modules, lora_state_dict, merge_lora, nf4_dequantize, quantize_base_nf4, torchao_nf4,
 )
 from tests.hf_reference import make_hf_model
 
@@ -327,7 +328,8 @@ def test_nf4_layer_equals_torchaos_linear_nf4(dtype, autocast, monkeypatch):
 
 def test_nf4_layer_keeps_no_dequantized_weight_for_backward(monkeypatch):
     """Backward keeps the NF4 tensor's 4-bit data and scales, nothing of the weight's size: the weight
-    is dequantized in forward, again in backward, and once more where checkpointing recomputes the forward."""
+    is dequantized in forward, again in backward, and once more where checkpointing recomputes the forward,
+    unless the checkpointed layer keeps what it dequantizes (keep_dequantized_weights)."""
     layer = _nf4_layer()
     x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(1), requires_grad=True)
 
@@ -348,6 +350,15 @@ def test_nf4_layer_keeps_no_dequantized_weight_for_backward(monkeypatch):
     assert calls[0] == 2
     checkpoint(layer, x, use_reentrant=False).sum().backward()
     assert calls[0] == 2 + 3
+    # Checkpointed with NF4 layers saving what they dequantize (train/parallel.py's checkpoints do this):
+    # the first run's saved weight is dropped, the recompute's serves backward: twice a step again, and
+    # the same gradient.
+    grad = x.grad.clone()
+    x.grad = None
+    keeping = lambda: (keep_dequantized_weights(), keep_dequantized_weights())  # noqa: E731
+    checkpoint(layer, x, use_reentrant=False, context_fn=keeping).sum().backward()
+    assert calls[0] == 2 + 3 + 2
+    assert torch.equal(x.grad, grad / 2)  # grad accumulated the two checkpointed backwards above
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside inductor, torch 2.13
@@ -355,7 +366,8 @@ def test_compiled_qlora_block_is_one_graph(monkeypatch):
     """A QLoRA block (bf16 NF4 base, float32 adapters, bf16 autocast, as on the GPU) compiled by
     inductor with fullgraph=True: one graph, no recompilation on later steps with other inputs, and,
     as the partitioner decides what a compiled graph keeps, nothing of a weight's size saved for
-    backward. Each NF4 layer dequantizes twice a step, three times under activation checkpointing."""
+    backward. Each NF4 layer dequantizes twice a step; under plain activation checkpointing three times,
+    and twice again when checkpointed as train/parallel.py does (the recompute's weights serve backward)."""
     model = _tiny()
     apply_lora(model, "all-linear", r=4, alpha=8)
     freeze_base(model, LoRAConfig(quantize="nf4", nf4_scaler_block_size=16), torch.device("cpu"))
@@ -402,6 +414,17 @@ def test_compiled_qlora_block_is_one_graph(monkeypatch):
             assert calls[0] == 2 * n_nf4 + 3 * n_nf4  # and the forward that checkpointing recomputes
         counters = torch._dynamo.utils.counters
         assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+        # Checkpointed as train/parallel.py does, the NF4 layers saving what they dequantize (the
+        # recompute's serves backward): a second graph, compiled once; then twice a step, as without
+        # checkpointing.
+        contexts = lambda: (keep_dequantized_weights(), keep_dequantized_weights())  # noqa: E731
+        keeping = lambda *args: checkpoint(compiled, *args, use_reentrant=False, context_fn=contexts)  # noqa: E731
+        step(keeping)
+        calls[0] = 0
+        with torch.compiler.set_stance("fail_on_recompile"):
+            step(keeping)
+            assert calls[0] == 2 * n_nf4
+        assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2
     finally:
         torch._dynamo.reset()
 

@@ -171,6 +171,41 @@ def test_mlp_chunks_give_the_plain_models_loss_and_gradients(preset, checkpointi
     assert _largest_error(chunked_grads, grads) < 2e-6
 
 
+@pytest.mark.parametrize("chunks", [0, 8], ids=["blocks", "blocks-and-mlp-chunks"])
+def test_checkpointed_qlora_gives_the_plain_gradients_and_dequantizes_twice_a_step(chunks, monkeypatch):
+    """QLoRA under activation checkpointing (eager, on CPU): the NF4 layers save what they dequantize
+    inside checkpoints (the recompute's weights serve backward), which gives the adapters exactly the
+    gradients of the unchecked model, and, without MLP chunks, two dequantizations of each NF4 weight a
+    step as without checkpointing (forward, recompute), not three."""
+    import model.lora as lora
+    from model.lora import LoRAConfig, freeze_base, lora_modules
+
+    def qlora_model():  # built twice the same way (deepcopy would quantize NF4 again, with its defaults)
+        model = apply_lora(_model("tiny"), "all-linear", r=4, alpha=8)
+        for _, m in lora_modules(model):  # B away from zero, so every adapter's gradient flows through W
+            torch.nn.init.normal_(m.lora_B, std=0.02, generator=torch.Generator().manual_seed(1))
+        freeze_base(model, LoRAConfig(quantize="nf4", nf4_scaler_block_size=16), torch.device("cpu"))
+        return model
+
+    plain = qlora_model()
+    checkpointed = parallelize(qlora_model(), ParallelConfig(activation_checkpointing=True, mlp_chunk_tokens=chunks),
+                               CPU)
+    ids, targets = _batch(plain)
+    loss, grads = _loss_and_grads(plain, ids, targets)
+    calls = [0]
+    dequantize = lora.nf4_dequantize
+    monkeypatch.setattr(lora, "nf4_dequantize", lambda *a: (calls.__setitem__(0, calls[0] + 1), dequantize(*a))[1])
+    checkpointed_loss, checkpointed_grads = _loss_and_grads(checkpointed, ids, targets)
+    assert checkpointed_loss == loss
+    grads = {name: grad for name, grad in grads.items() if grad is not None}  # the adapters'
+    if chunks:  # the adapters' gradients summed chunk by chunk: float32's rounding, as in the test above
+        assert _largest_error(checkpointed_grads, grads) < 2e-6
+    else:
+        for name, grad in grads.items():
+            torch.testing.assert_close(checkpointed_grads[name], grad, rtol=0, atol=0, msg=name)
+        assert calls[0] == 2 * len(list(lora_modules(plain)))
+
+
 def _largest_error(got: dict, want: dict) -> float:
     """The largest gap between two sets of gradients, each relative to the largest entry of its own."""
     return max(((got[n] - g).abs().max() / g.abs().max()).item() for n, g in want.items())

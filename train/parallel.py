@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from model.lora import LoRALinear, is_nf4
+from model.lora import LoRALinear, is_nf4, keep_dequantized_weights
 from train.config import ParallelConfig
 from train.dist import DistInfo
 
@@ -143,9 +143,18 @@ def _checkpoint_block(block: nn.Module, forward=None, dtype: torch.dtype | None 
 
     def checkpointed_forward(x, *args, **kwargs):
         with _keep_input(x, dtype, host, pin_memory):
-            return checkpoint(forward, x, *args, use_reentrant=False, **kwargs)
+            return checkpoint(forward, x, *args, use_reentrant=False, context_fn=_checkpoint_contexts, **kwargs)
 
     block.forward = checkpointed_forward
+
+
+def _checkpoint_contexts():
+    """Contexts of a checkpointed forward, its first run and its recompute: QLoRA's NF4 layers save
+    the weights they dequantize for backward. The first run's saved tensors are dropped (that is what
+    checkpointing does), and the recompute's, one block's weights at full size, live until that
+    block's backward, which then needs no third dequantization (model/lora.py: keep_dequantized_weights).
+    Both runs alike: checkpointing matches what the recompute saves to what the first run saved."""
+    return keep_dequantized_weights(), keep_dequantized_weights()
 
 
 def _keep_input(x: Tensor, dtype: torch.dtype | None, host: bool, pin_memory: bool):
@@ -189,7 +198,11 @@ def _chunk_mlp(mlp: nn.Module, chunk_tokens: int) -> None:
 
     def chunked_forward(x: Tensor) -> Tensor:
         tokens = x.flatten(0, -2)  # (B*T, C)
-        parts = [checkpoint(forward, part, use_reentrant=False) for part in tokens.split(chunk_tokens)]
+        # Eager, each chunk's checkpoint enters _checkpoint_contexts for both of its runs, as a block's
+        # does. Inside a compiled block a checkpoint takes no such contexts: the block's graph was traced
+        # under its own checkpoint's, which then hold for the chunks too.
+        contexts = {} if torch.compiler.is_compiling() else {"context_fn": _checkpoint_contexts}
+        parts = [checkpoint(forward, part, use_reentrant=False, **contexts) for part in tokens.split(chunk_tokens)]
         return torch.cat(parts).view(*x.shape[:-1], -1)  # (B, T, C)
 
     mlp.forward = chunked_forward

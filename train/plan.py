@@ -459,8 +459,13 @@ def resident_activation_bytes(r: Recipe) -> int:
 
 
 def block_recompute_bytes(r: Recipe) -> int:
-    """With checkpointing: one block's saved tensors, recomputed at the start of its backward."""
-    return r.tokens * block_saved(r, first=False)
+    """With checkpointing: one block's saved tensors, recomputed at the start of its backward; under
+    QLoRA these include the block's NF4 weights dequantized to the compute dtype, which the recompute
+    keeps for that backward (model/lora.py: keep_dequantized_weights)."""
+    weights = 0
+    if r.lora is not None and r.lora.quantize == "nf4":
+        weights = sum(p.numel * compute_bytes(r) for p in parameter_table(r) if p.nf4 and p.block == 0)
+    return r.tokens * block_saved(r, first=False) + weights
 
 
 def backward_working_bytes(r: Recipe) -> int:
