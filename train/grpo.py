@@ -250,6 +250,8 @@ def main(cfg: GRPOConfig, reward_funcs: list[Callable] | None = None) -> dict:
     logger.print(f"model {mcfg.model_type} {mcfg.num_params() / 1e6:.2f}M params, {what} | world {dist.world_size} | "
                  f"{cfg.global_batch} prompts x {G} completions per rollout = {accum_steps} micro-batches of "
                  f"{cfg.micro_batch} per rank | reference {reference} | {steps} steps")
+    if engine.cuda_graphs:  # minutes of silence otherwise
+        logger.print(f"the first rollout compiles and captures the decode step for batch sizes {engine.buckets}")
 
     def save(step: int) -> None:
         extra = {"data": train_data.state_dict(), "skipped_steps": skipped, "tokens_seen": throughput.tokens_seen,
