@@ -12,6 +12,7 @@ from algos.logprobs import IGNORE_INDEX
 from tests.conftest import ROOT
 from train import grpo
 from train.config import parse_config
+from train.prompt_data import completion_batch
 
 TINY = str(ROOT / "configs" / "grpo" / "tiny.yaml")
 
@@ -57,7 +58,7 @@ def test_sampler_logprobs_are_the_trainers_at_the_sampling_temperature(tmp_path)
 
 
 def test_completion_batch_aligns_targets_and_sampler_logprobs():
-    batch = grpo.completion_batch([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], [[-0.1, -0.2], [-0.3, -0.4, -0.5]],
+    batch = completion_batch([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], [[-0.1, -0.2], [-0.3, -0.4, -0.5]],
                                   pad_id=0, device="cpu", share_prompt=False)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 1, 2], [8, 3, 4, 9, 0]]
     assert batch["targets"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 1, 2, IGNORE_INDEX],
@@ -81,8 +82,8 @@ def test_shared_prompt_rows_give_each_completions_log_probs_and_gradient():
     prompts = [p1, p1, p1, p2, p2]
     completions = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (4, 7, 1, 6, 3)]
     lps = [[-1.0] * len(c) for c in completions]
-    plain = grpo.completion_batch(prompts, completions, lps, 0, "cpu", share_prompt=False)
-    shared = grpo.completion_batch(prompts, completions, lps, 0, "cpu", share_prompt=True)
+    plain = completion_batch(prompts, completions, lps, 0, "cpu", share_prompt=False)
+    shared = completion_batch(prompts, completions, lps, 0, "cpu", share_prompt=True)
     assert shared["input_ids"].shape[0] == 2 and plain["input_ids"].shape[0] == 5
     assert shared["targets"].flatten()[shared["index"]].masked_fill(~shared["completion_mask"], 0).tolist() == \
         [c + [0] * (7 - len(c)) for c in completions]

@@ -34,12 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-import numpy as np
 import torch
 
 from algos.grpo import AGGREGATIONS, NORMALISERS, RATIOS, clip_fractions, group_advantages, informative_groups, \
     mean_kl, per_token_loss
-from algos.logprobs import IGNORE_INDEX
 from algos.rewards import score_completions
 from checkpoints.hf import export_hf
 from checkpoints.io import save_checkpoint
@@ -48,7 +46,7 @@ from model.generate import RolloutEngine
 from model.gpt import GPT
 from model.lora import apply_lora, disable_lora, freeze_base, init_lora_weights
 from model.tokenizer import Tokenizer
-from train.batching import ChatBatches, pack_shared_prefix, pad_rows
+from train.batching import ChatBatches
 from train.config import (
     CheckpointConfig, LogConfig, LoRAConfig, ModelSource, OptimConfig, ParallelConfig, PromptDataConfig, parse_config,
     resolve_model, to_dict,
@@ -57,7 +55,7 @@ from train.dist import all_reduce_sum, barrier, catch_stop_signals, setup_distri
 from train.log import Throughput, seconds_since
 from train.optim import build_optimizer, clip_grad_norm_, lr_at
 from train.parallel import autocast, compute_dtype, forward_only, freeze_in_compute_dtype, parallelize
-from train.prompt_data import PromptDataset
+from train.prompt_data import PromptDataset, completion_batch
 from train.plot import write_curves
 from train.run import check_finite, load_or_init_weights, report_export, resume_or_start, sample_chat, start_run
 
@@ -478,53 +476,6 @@ def import_function(path: str) -> Callable:
     if not callable(fn):
         raise ValueError(f"grpo.reward_funcs: {path!r} is not callable")
     return fn
-
-
-def completion_batch(prompts: list[list[int]], completions: list[list[int]], sampler_logps: list[list[float]],
-                     pad_id: int, device, share_prompt: bool = True, sampler_entropies: list[list[float]] | None = None
-                     ) -> dict:
-    """Training rows for N completions, and the map from them back to each completion's tokens.
-
-    Rows: one per completion (prompt + completion), or with share_prompt one per run of consecutive
-    completions of the same prompt, the prompt once and each completion continuing it as documents
-    1, 2, ... of a shared-prefix row (the prompt's forward is done once per group, not G times):
-    input_ids, targets, position_ids (R, T) [, document_ids].
-    Completions: index (N, C), where in the flattened (R * T) rows the target is completion token c;
-    completion_mask (N, C); old_logps (N, C), the sampler's log-prob of completion token c; entropies
-    (N, C), the entropy of the distribution it was sampled from (0 when not given)."""
-    groups = [[0]]  # the completions of each row
-    for i in range(1, len(completions)):
-        if share_prompt and prompts[i] == prompts[groups[-1][0]]:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    rows, starts = [], {}  # starts[i]: (row, column) of completion i's first target
-    for group in groups:
-        P = len(prompts[group[0]])
-        seqs = [np.asarray(prompts[i] + completions[i], dtype=np.int64) for i in group]
-        tgts = [np.concatenate([np.full(P - 1, IGNORE_INDEX), s[P:], [IGNORE_INDEX]]) for s in seqs]  # t predicts t + 1
-        if not share_prompt:
-            starts[group[0]] = (len(rows), P - 1)
-            rows.append((seqs[0], tgts[0], np.arange(len(seqs[0]))))
-            continue
-        row = pack_shared_prefix(seqs, tgts)
-        doc, shared = row[3], int((row[3] == 0).sum())
-        for d, i in enumerate(group, start=1):  # document d holds sequence positions shared, shared + 1, ...
-            starts[i] = (len(rows), int(np.flatnonzero(doc == d)[0]) + P - 1 - shared)
-        rows.append(row)
-    batch = pad_rows(rows, pad_id)
-    T = batch["input_ids"].shape[1]
-    N, C = len(completions), max(1, max(len(c) for c in completions))
-    batch.update(index=torch.zeros(N, C, dtype=torch.long), completion_mask=torch.zeros(N, C, dtype=torch.bool),
-                 old_logps=torch.zeros(N, C), entropies=torch.zeros(N, C))
-    for i, c in enumerate(completions):
-        r, start = starts[i]
-        batch["index"][i, :len(c)] = r * T + start + torch.arange(len(c))
-        batch["completion_mask"][i, :len(c)] = True
-        batch["old_logps"][i, :len(c)] = torch.tensor(sampler_logps[i], dtype=torch.float32)
-        if sampler_entropies is not None:
-            batch["entropies"][i, :len(c)] = torch.tensor(sampler_entropies[i], dtype=torch.float32)
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def completion_logps(model, batch, temperature: float) -> torch.Tensor:
