@@ -478,8 +478,11 @@ class RolloutEngine:
         # The cache length rounded up to 64 columns keeps the attention mask's rows aligned for the
         # fused attention kernels.
         self.max_len = -(-(max_prompt_len + max_new_tokens) // 64) * 64
-        # FlexAttention takes head sizes from 16 (stories260K's 8 decodes through SDPA).
-        self.flex_decode = cuda and self.cfg.head_dim >= 16 if flex_decode is None else flex_decode
+        # FlexAttention takes head sizes from 16 (stories260K's 8 decodes through SDPA), and its Triton
+        # kernels are built for Ampere and newer.
+        if flex_decode is None:
+            flex_decode = cuda and self.cfg.head_dim >= 16 and torch.cuda.get_device_capability(self.device) >= (8, 0)
+        self.flex_decode = flex_decode
         # FlexAttention's decoding kernel needs a static batch size: with it, each bucket compiles
         # its own step (about 25 s each for llama-3.2-1b on an H200; see the limit in _run_step);
         # without it, one step with a symbolic batch serves every bucket.
