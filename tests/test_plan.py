@@ -495,6 +495,27 @@ def test_kv_cache_bytes_match_the_cache_model_gpt_allocates():
     assert plan.kv_cache_bytes(5, 77, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 2) == measured
 
 
+@pytest.mark.parametrize("cfg", [TINY, TINY_QWEN3], ids=["tied", "qwen3-untied-bias-qknorm"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-bf16-base"])
+def test_rollout_snapshot_bytes_match_the_snapshot_the_engine_builds(cfg, lora):
+    """GRPO's engine on one GPU decodes from a snapshot of the policy (float32 master weights under bf16
+    autocast, or a bf16 LoRA base): the bytes of the network it builds (here on the CPU, as on CUDA)."""
+    from model.generate import RolloutEngine
+
+    model = GPT(cfg)
+    model.init_weights(seed=0)
+    lora_cfg = None
+    if lora:
+        lora_cfg = LoRAConfig(base_dtype="bfloat16")
+        apply_lora(model, "all-linear", r=4, alpha=8)
+        freeze_base(model, lora_cfg, torch.device("cpu"))
+    engine = RolloutEngine(model, 4, 8, 8, dtype=torch.bfloat16, snapshot=True, fuse_projections=True)
+    measured = unique_bytes(engine.net.parameters())
+    r = plan.Recipe(model=cfg, rows=4, seq_len=16, lora=lora_cfg, device="cuda", kv_cache=(4, 16))
+    assert plan.rollout_snapshot_bytes(r) == measured
+    assert plan.rollout_snapshot_bytes(dataclasses.replace(r, shard=2)) == 0  # FSDP2 gathers per rollout instead
+
+
 def test_largest_micro_batch_is_the_boundary():
     r = plan.Recipe(model=ModelConfig.preset("llama-3.2-1b"), rows=1, seq_len=2048, compile=True)
     capacity = 40 * 2**30

@@ -13,7 +13,7 @@ reads the model's shape from the preset or the checkpoint's config.json, never i
 prints, per GPU: parameters, gradients, AdamW state, the compute-dtype weight copies (autocast) or
 FSDP2's gathered blocks, the activations autograd saves (with and without activation
 checkpointing), the output projection + loss chunk, the reference model (DPO, GRPO), the rollout
-KV cache (GRPO), the peak, and the largest micro-batch that fits. With several GPUs it also
+KV cache and snapshot (GRPO), the peak, and the largest micro-batch that fits. With several GPUs it also
 predicts the step time from FLOPs and the bytes FSDP2 moves.
 
 How memory is counted (bytes per GPU, from the real tensor shapes):
@@ -599,8 +599,8 @@ def kv_cache_bytes(batch: int, length: int, layers: int, kv_heads: int, head_dim
 
 def rollout_cache_bytes(r: Recipe) -> int:
     """GRPO's rollout engine (model/generate.py: RolloutEngine) allocates its cache once, in the
-    embedding's dtype, rows rounded up to a power-of-two bucket (at least 8) and positions to a
-    multiple of 64, and keeps it through training."""
+    compute dtype (GRPO passes it), rows rounded up to a power-of-two bucket (at least 8) and
+    positions to a multiple of 64, and keeps it through training."""
     if r.kv_cache is None:
         return 0
     rows, length = r.kv_cache
@@ -609,7 +609,23 @@ def rollout_cache_bytes(r: Recipe) -> int:
         bucket *= 2
     length = -(-length // 64) * 64
     cfg = r.model
-    return kv_cache_bytes(bucket, length, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, base_bytes(r))
+    return kv_cache_bytes(bucket, length, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, compute_bytes(r))
+
+
+def rollout_snapshot_bytes(r: Recipe) -> int:
+    """GRPO on one GPU: the rollout engine decodes from a snapshot of the policy kept for the whole run
+    (model/generate.py: _build_snapshot): every linear layer in the compute dtype, with an output
+    projection of its own when the policy ties it to the embedding, and the embedding and norms as
+    the policy stores them. Under FSDP2 the engine gathers the full weights during each rollout
+    instead (not a training phase, so not counted here)."""
+    if r.kv_cache is None or r.device != "cuda" or r.shard > 1:
+        return 0
+    cfg = r.model
+    C, HD, KD, I = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    linear = cfg.num_layers * (C * (HD + 2 * KD) + HD * C + 3 * C * I) + cfg.vocab_size * C
+    biases = cfg.num_layers * (HD + 2 * KD) if cfg.attention_bias else 0
+    rest = cfg.vocab_size * C + (2 * cfg.num_layers + 1) * C + (2 * cfg.num_layers * cfg.head_dim if cfg.qk_norm else 0)
+    return (linear + biases) * compute_bytes(r) + rest * base_bytes(r)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,6 +646,7 @@ LABELS = {
     "reference": "reference model",
     "reference pass": "  reference forward (transient)",
     "kv cache": "rollout KV cache",
+    "snapshot": "rollout snapshot of the policy",
 }
 
 
@@ -658,7 +675,7 @@ def memory_plan(r: Recipe) -> Plan:
         checkpointing, recomputed) or a tied embedding's gradient being added to the output's;
     reference pass (DPO): the reference's forward after the policy's, its activations alive;
     optimizer step: parameters, gradients and AdamW state.
-    Parameters, AdamW state, a reference copy and a rollout cache are alive throughout, and the
+    Parameters, AdamW state, a reference copy, a rollout cache and snapshot are alive throughout, and the
     gradients too when the step accumulates (grads_held); otherwise they grow through the backward
     as the activations are freed. With offload, the activations and the head's saved tensors are in
     host memory (never in a phase); each block's come back for its backward, as a recompute does."""
@@ -679,12 +696,14 @@ def memory_plan(r: Recipe) -> Plan:
         "reference": reference_bytes(r, table),
         "reference pass": reference_pass_bytes(r),
         "kv cache": rollout_cache_bytes(r),
+        "snapshot": rollout_snapshot_bytes(r),
     }
     if r.offload:
         comp["offloaded"] = comp["activations"] + comp["head saved"] - resident_activation_bytes(r)
         comp["activations"], comp["head saved"] = resident_activation_bytes(r), 0
         comp["recompute"] = block_recompute_bytes(r)  # one block's saved tensors back at a time
-    resident = ("parameters", "optimizer", "reference", "kv cache") + (("gradients",) if r.grads_held else ())
+    resident = ("parameters", "optimizer", "reference", "kv cache", "snapshot")
+    resident += ("gradients",) if r.grads_held else ()
 
     def alive(*keys: str) -> dict[str, int]:
         return {k: comp[k] for k in dict.fromkeys(resident + keys)}
