@@ -32,7 +32,7 @@ memory-bandwidth limit inside the training process (no second inference server, 
   cache with an additive mask. On CUDA the step is compiled (torch.compile, elementwise work fused)
   and captured into a CUDA graph per batch bucket, so a step is one graph launch with no host
   synchronisation (on an H200, llama-3.2-1b shape, batch 64: 9.5 ms a step eager, 3.7 compiled,
-  1.45 compiled and captured; bench/RESULTS.md). The capture is explicit (torch.cuda.CUDAGraph)
+  1.45 compiled and captured, early in a call; bench/RESULTS.md). The capture is explicit (torch.cuda.CUDAGraph)
   rather than mode="reduce-overhead": the cache and the state are our own static buffers, which
   cudagraph trees would copy into the graph on every replay unless each were marked static, and
   the step's one RNG draw goes through our generator, registered with each graph.
@@ -70,9 +70,9 @@ memory-bandwidth limit inside the training process (no second inference server, 
   merged, disabled or re-allocated).
 
 Deliberately left out: beam search, repetition penalties, speculative decoding, paged attention and
-continuous batching (refill), and a decode attention kernel of our own (FlexAttention's reads the
-written blocks near the copy bandwidth; at batch 64 a step's time now goes to the small matmuls and
-the launch latency of about ten kernels a layer: bench/RESULTS.md).
+continuous batching (refill), and a decode attention kernel of our own (FlexAttention's takes about
+a tenth of a step at batch 64; most of the rest goes to the matmuls, the small ones well below the
+bandwidth, and to the launch latency of about ten kernels a layer: bench/RESULTS.md).
 """
 
 from __future__ import annotations
