@@ -32,10 +32,10 @@ memory-bandwidth limit inside the training process (no second inference server, 
   cache with an additive mask. On CUDA the step is compiled (torch.compile, elementwise work fused)
   and captured into a CUDA graph per batch bucket, so a step is one graph launch with no host
   synchronisation (on an H200, llama-3.2-1b shape, batch 64: 9.5 ms a step eager, 3.7 compiled,
-  1.45 compiled and captured, early in a call; bench/RESULTS.md). The capture is explicit (torch.cuda.CUDAGraph)
-  rather than mode="reduce-overhead": the cache and the state are our own static buffers, which
-  cudagraph trees would copy into the graph on every replay unless each were marked static, and
-  the step's one RNG draw goes through our generator, registered with each graph.
+  1.45 compiled and captured, early in a call; bench/RESULTS.md). The capture is explicit
+  (torch.cuda.CUDAGraph) rather than mode="reduce-overhead": the cache and the state are our own
+  static buffers, which cudagraph trees would copy into the graph on every replay unless each were
+  marked static, and the step's one RNG draw goes through our generator, registered with each graph.
 - Batch-size buckets (powers of two from 8): a call runs in the smallest bucket that holds its
   prompts, so a handful of graphs serve every call.
 - Finished rows stop costing compute by compaction: every few steps, once `compact_share` of the
