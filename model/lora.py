@@ -126,9 +126,9 @@ def keep_dequantized_weights():
 def nf4_linear(x: Tensor, weight: Tensor) -> Tensor:
     """x @ W^T for a torchao NF4Tensor W (out, in), which gets no gradient. W is dequantized in
     forward and again in backward for x's gradient, so backward keeps only the NF4 tensor's own
-    4-bit data and scales, never W at full size (with activation checkpointing: a third time, in
-    the recomputed forward). Each direction is one opaque op, so a compiled block stays one graph
-    around it. torchao's linear_nf4 also dequantizes twice, but traced by torch.compile its two
+    4-bit data and scales, never W at full size (inside checkpointed blocks, keep_dequantized_weights:
+    the recompute's W serves backward instead). Each direction is one opaque op, so a compiled block
+    stays one graph around it. torchao's linear_nf4 also dequantizes twice, but traced by torch.compile its two
     dequantizations of the same inputs merge into one, and the partitioner then keeps that bf16 W
     for backward (it never recomputes what a matmul reads there). The price: inductor does not fuse
     the dequantization, which runs as a few eager ops inside the op. Under autocast x is cast to the
