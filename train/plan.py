@@ -565,11 +565,18 @@ def reference_bytes(r: Recipe, table: list[Param]) -> int:
         return 0
 
     def stored(p: Param) -> int:
-        linear = p.name.endswith(("_proj.weight", "_proj.bias", "lm_head.weight"))
-        return p.numel * (compute_bytes(r) if linear and uses_autocast(r) else 4)
+        return p.numel * (compute_bytes(r) if is_linear(p) and uses_autocast(r) else 4)
 
-    return sum(sharded(Param(p.name, p.shape, stored(p), True), r.shard) for p in table
-               if not p.name.endswith((".lora_A", ".lora_B")))
+    return sum(sharded(Param(p.name, p.shape, stored(p), True), r.shard) for p in table if not is_adapter(p))
+
+
+def is_linear(p: Param) -> bool:
+    """A linear layer's weight or bias: what autocast casts, and what frozen copies store in the compute dtype."""
+    return p.name.endswith(("_proj.weight", "_proj.bias", "lm_head.weight"))
+
+
+def is_adapter(p: Param) -> bool:
+    return p.name.endswith((".lora_A", ".lora_B"))
 
 
 def reference_pass_bytes(r: Recipe) -> int:
@@ -620,12 +627,10 @@ def rollout_snapshot_bytes(r: Recipe) -> int:
     instead (not a training phase, so not counted here)."""
     if r.kv_cache is None or r.device != "cuda" or r.shard > 1:
         return 0
-    cfg = r.model
-    C, HD, KD, I = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    linear = cfg.num_layers * (C * (HD + 2 * KD) + HD * C + 3 * C * I) + cfg.vocab_size * C
-    biases = cfg.num_layers * (HD + 2 * KD) if cfg.attention_bias else 0
-    rest = cfg.vocab_size * C + (2 * cfg.num_layers + 1) * C + (2 * cfg.num_layers * cfg.head_dim if cfg.qk_norm else 0)
-    return (linear + biases) * compute_bytes(r) + rest * base_bytes(r)
+    total = sum(p.numel * (compute_bytes(r) if is_linear(p) else base_bytes(r))
+                for p in parameter_table(r) if not is_adapter(p))
+    head = r.model.vocab_size * r.model.hidden_size * compute_bytes(r) if r.model.tie_embeddings else 0
+    return total + head
 
 
 # ---------------------------------------------------------------------------------------------
