@@ -38,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
@@ -130,6 +131,8 @@ def run_ours(args, data: Path, reference: str, ckpt: bool) -> dict:
         return table
 
     dpo.precomputed_logps = timed
+    if args.profile:
+        profile_steps(dpo, "ours " + reference, start=max(1, args.steps // 2 - 3))  # ends before the timed half
     dpo.main(parse_config(dpo.DPOConfig, argv))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
@@ -146,6 +149,21 @@ def run_ours(args, data: Path, reference: str, ckpt: bool) -> dict:
     mcfg = _model_config(args)
     return {"s_per_step": s_per_step, "tokens_per_pair": tokens_per_pair, "peak_gib": train[-1].get("peak_mem_gib") or 0.0,
             "precompute_s": precompute.get("s"), "flops_per_token": mcfg.flops_per_token(args.max_len)}
+
+
+def profile_steps(loop_module, name: str, start: int, steps: int = 3) -> None:
+    """Make the loop's Throughput (its .add runs once at the end of every step) profile `steps` steps
+    after `start` and print where their time went (bench/kernels.py)."""
+    from kernels import StepProfiler
+
+    profiler = StepProfiler(name, start, steps)
+
+    class ProfiledThroughput(loop_module.Throughput):
+        def add(self, tokens: int) -> None:
+            super().add(tokens)
+            profiler.step()
+
+    loop_module.Throughput = ProfiledThroughput
 
 
 def run_trl(args, data: Path, reference: str, ckpt: bool) -> dict:
@@ -215,6 +233,8 @@ def main() -> None:
     p.add_argument("--vocab_size", type=int, default=None, help="override the preset's (CPU smoke runs of tiny shapes)")
     p.add_argument("--only", choices=["ours", "trl"], default=None)
     p.add_argument("--rows", default=None, help="comma-separated row numbers of ROWS to run (default: all)")
+    p.add_argument("--profile", action="store_true", help="our rows: profile 3 steps that end before the timed half "
+                   "(GPU time by part, longest kernels, host operations)")
     p.add_argument("--worker", nargs=4, metavar=("MODE", "REFERENCE", "CKPT", "DATA"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -236,8 +256,12 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--worker", mode, reference, str(int(ckpt)), str(data), "--model", args.model,
                "--pairs", str(args.pairs), "--max_len", str(args.max_len), "--steps", str(args.steps),
-               *(["--vocab_size", str(args.vocab_size)] if args.vocab_size else [])]
+               *(["--vocab_size", str(args.vocab_size)] if args.vocab_size else []),
+               *(["--profile"] if args.profile else [])]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))))
+        for x in proc.stdout.splitlines():  # --profile's tables
+            if x.startswith("# "):
+                print(x, flush=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:  # a failing row does not end the table
             why = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from dpo import _model_config, make_data  # noqa: E402  (the same text and tokenizer as the DPO bench)
+from dpo import _model_config, make_data, profile_steps  # noqa: E402  (the same text and tokenizer as the DPO bench)
 
 ROWS = [("ours", "ours", None), ("TRL default generate", "trl", None), ("TRL static cache", "trl", "static"),
         ("TRL static, bf16 weights", "trl", "static-bf16")]
@@ -70,9 +70,11 @@ def run_ours(args, data: Path) -> dict:
             "--grpo.num_generations", str(args.G), "--grpo.max_completion_len", str(args.completion_tokens),
             "--grpo.beta", "0.04", "--grpo.log_completions_every", "0", "--checkpoint.export_hf", "false",
             "--log.every", "1", "--parallel.compile", str(torch.cuda.is_available()).lower(), "--optim.lr", "1e-6"]
+    if args.profile:
+        profile_steps(grpo, "ours", start=WARMUP)
     grpo.main(parse_config(grpo.GRPOConfig, argv), reward_funcs=[vowel_share])
     train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in train if r["split"] == "train"][WARMUP:]
+    train = [r for r in train if r["split"] == "train"][WARMUP + (3 if args.profile else 0):]  # profiled steps untimed
     times = [r["time"] for r in train]
     # s/step is the span between the first timed step's end and the last's: the phases of the same
     # steps (the first timed step's own time is outside that span).
@@ -144,6 +146,8 @@ def main() -> None:
     p.add_argument("--vocab_size", type=int, default=None, help="override the preset's (CPU smoke runs)")
     p.add_argument("--only", choices=["ours", "trl"], default=None)
     p.add_argument("--rows", default=None, help="comma-separated row numbers of ROWS to run (default: all)")
+    p.add_argument("--profile", action="store_true", help="our row: profile 3 steps after warm-up (GPU time by "
+                   "part, longest kernels, host operations; those steps are left out of s/step)")
     p.add_argument("--worker", nargs=3, metavar=("MODE", "CACHE", "DATA"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -167,8 +171,12 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", mode, cache or "none", str(data), "--model", args.model,
                "--prompts", str(args.prompts), "--G", str(args.G), "--micro_batch", str(args.micro_batch),
                "--prompt_tokens", str(args.prompt_tokens), "--completion_tokens", str(args.completion_tokens),
-               "--steps", str(args.steps), *(["--vocab_size", str(args.vocab_size)] if args.vocab_size else [])]
+               "--steps", str(args.steps), *(["--vocab_size", str(args.vocab_size)] if args.vocab_size else []),
+               *(["--profile"] if args.profile else [])]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))))
+        for x in proc.stdout.splitlines():  # --profile's tables
+            if x.startswith("# "):
+                print(x, flush=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:  # a failing row does not end the table
             why = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

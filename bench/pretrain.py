@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from algos.logprobs import cross_entropy_sum  # noqa: E402
+from kernels import print_gpu_time  # noqa: E402
 from checkpoints.hf import config_to_hf  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.gpt import GPT  # noqa: E402
@@ -99,27 +101,9 @@ def measure(name, model, forward, cfg, args, device, flops_per_token=None):
     return {"name": name, "tokens_per_s": tps, "mfu": mfu, "peak_gib": peak_mem, "loss": loss}
 
 
-# Kernel names to the parts of bench/budget.py's step, first match wins (cuBLAS's Hopper kernels are
-# nvjet_* or sm90_xmma_*; inductor's Triton matmul templates are triton_tem_*mm*; the rest of
-# inductor's Triton kernels are the fused elementwise work and reductions).
-KERNEL_PARTS = [
-    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
-    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "splitkreduce", "triton_tem")),
-    ("optimizer + clipping (multi-tensor)", ("multi_tensor", "adam")),
-    ("compiled elementwise + reductions (Triton)", ("triton_",)),
-    ("copies and fills", ("memcpy", "memset", "copy_", "fill")),
-]
-
-
-def kernel_part(name: str) -> str:
-    lower = name.lower()
-    return next((part for part, keys in KERNEL_PARTS if any(k in lower for k in keys)), "other (eager ATen)")
-
-
 def print_kernel_table(name, step, seconds_per_step, steps=3):
-    """Profile `steps` more steps and print where the GPU's time went, by part and by kernel, beside
-    the wall time of a step: what the kernels leave of it is time the GPU waited (launches, host
-    syncs). Compare the parts with `python bench/budget.py`."""
+    """Profile `steps` more steps and print where the GPU's time went (bench/kernels.py). Compare the
+    parts with `python bench/budget.py`."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -127,20 +111,7 @@ def print_kernel_table(name, step, seconds_per_step, steps=3):
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    parts: dict[str, float] = {}
-    for e in events:
-        parts[kernel_part(e.key)] = parts.get(kernel_part(e.key), 0.0) + e.self_device_time_total / 1e3 / steps
-    busy = sum(parts.values())
-    wall = seconds_per_step * 1e3
-    print(f"# {name}: GPU time by part, ms a step (a step takes {wall:.1f} ms; kernels {busy:.1f})")
-    for part, ms in sorted(parts.items(), key=lambda kv: -kv[1]):
-        print(f"#   {part:44s} {ms:8.1f} {ms / wall:6.1%}")
-    print(f"#   {'no kernel running (launch gaps, syncs)':44s} {wall - busy:8.1f} {(wall - busy) / wall:6.1%}")
-    print(f"# {name}: the 15 kernels that take longest, ms a step")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
-        print(f"#   {e.self_device_time_total / 1e3 / steps:8.2f} {e.count // steps:5d}x  {kernel_part(e.key)[:9]:9s} {e.key[:80]}")
-    sys.stdout.flush()
+    print_gpu_time(name, prof, steps, seconds_per_step * 1e3)
 
 
 def fresh_memory(device):
