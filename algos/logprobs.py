@@ -51,8 +51,66 @@ def _default_chunk(vocab_size: int) -> int:
     return max(1, 2**28 // vocab_size)  # about 1 GiB of float32 logits per chunk
 
 
+# A chunk's softmax work, per element of its (n, V) logits. Eager PyTorch runs it as several passes,
+# each reading and writing a float32 (n, V) tensor; at a 128k vocabulary those passes took longer
+# than the head's matmuls (bench/RESULTS.md). On CUDA each function below is compiled into one or two
+# kernels that read the logits in the matmul's dtype and write only what is asked; elsewhere it runs
+# eagerly, in place where it can (one float32 copy of the chunk at a time).
+
+def _chunk_logsumexp_picked(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of a chunk's logits (n, V): the logsumexp and the target's logit, float32."""
+    x = logits.float()
+    return torch.logsumexp(x, dim=-1), x.gather(1, targets[:, None]).squeeze(1)
+
+
+def _chunk_logits_grad(logits: Tensor, lse: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
+    """scale * (one_hot(target) - softmax) per row of a chunk's logits (n, V), in their dtype: the
+    gradient of sum_i scale_i log p_i(target_i) with respect to the logits."""
+    one_hot = torch.arange(logits.shape[1], device=logits.device) == targets[:, None]
+    return ((one_hot.float() - torch.exp(logits.float() - lse[:, None])) * scale[:, None]).to(logits.dtype)
+
+
+def _chunk_logits_grad_eager(logits: Tensor, lse: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
+    """_chunk_logits_grad, in place on a float32 copy (on float32 logits: on the logits themselves)."""
+    g = torch.exp(logits.float().sub_(lse[:, None])).neg_()
+    g[torch.arange(len(targets), device=g.device), targets] += 1.0
+    return g.mul_(scale[:, None]).to(logits.dtype)
+
+
+_compiled: dict = {}
+
+
+def _fused(fn):
+    """fn compiled (once per process, dynamic shapes: every chunk length and vocabulary share it)."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
+
+
+def chunk_logsumexp_picked(logits: Tensor, targets: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+    return (_fused(_chunk_logsumexp_picked) if fused else _chunk_logsumexp_picked)(logits, targets)
+
+
+def chunk_logits_grad(logits: Tensor, lse: Tensor, targets: Tensor, scale: Tensor, fused: bool) -> Tensor:
+    return (_fused(_chunk_logits_grad) if fused else _chunk_logits_grad_eager)(logits, lse, targets, scale)
+
+
+def add_weight_grad(grad_weight: Tensor, g: Tensor, h: Tensor) -> None:
+    """grad_weight (V, C) float32 += g^T h. On CUDA with half-precision g and h the matmul writes
+    float32 and adds in its epilogue, with no (V, C) temporary (or two: its output and a float32 copy)."""
+    if g.is_cuda and g.dtype != torch.float32:
+        torch.addmm(grad_weight, g.T, h, out_dtype=torch.float32, out=grad_weight)
+    else:
+        grad_weight += (g.T @ h).float()
+
+
+def _use_fused(fused: bool | None, hidden: Tensor) -> bool:
+    return hidden.is_cuda if fused is None else fused
+
+
 def linear_cross_entropy_sum(
-    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX, chunk_tokens: int | None = None
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX, chunk_tokens: int | None = None,
+    fused: bool | None = None,
 ) -> Tensor:
     """cross_entropy_sum(hidden @ weight.T, targets) without materialising the (B, T, V) logits.
 
@@ -60,10 +118,11 @@ def linear_cross_entropy_sum(
     weight) are computed right away in forward, which saves recomputing the logits in backward but
     is only correct for a loss that is this plain sum times a scalar. With grad mode off (evaluation)
     no gradient work is done. Matmuls run in the autocast dtype when autocast is on, the softmax in
-    float32.
+    float32. fused: each chunk's softmax work compiled into fused kernels (default: on CUDA).
     """
     dtype = _matmul_dtype(hidden)
     chunk_tokens = chunk_tokens or _default_chunk(weight.shape[0])
+    fused = _use_fused(fused, hidden)
     hidden, targets = hidden.flatten(0, 1), targets.flatten()
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         w = weight.to(dtype)
@@ -73,12 +132,12 @@ def linear_cross_entropy_sum(
             t = targets[start : start + chunk_tokens]
             loss += F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
         return loss
-    return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_tokens, dtype)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_tokens, dtype, fused)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_tokens, dtype):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_tokens, dtype, fused):
         need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -87,21 +146,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_tokens):
             h = hidden[start : start + chunk_tokens].to(dtype)  # (n, C)
             t = targets[start : start + chunk_tokens]  # (n,)
-            logits = (h @ w.T).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)
+            logits = h @ w.T  # (n, V)
             valid = t != ignore_index
             safe_t = torch.where(valid, t, 0)
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            lse, picked = chunk_logsumexp_picked(logits, safe_t, fused)
             loss += torch.where(valid, lse - picked, 0.0).sum()
             # d(sum of CE)/d(logits) = softmax - one_hot(target), zero on ignored rows.
-            g = torch.exp(logits.sub_(lse[:, None]))
-            g[torch.arange(len(t), device=g.device), safe_t] -= 1.0
-            g.mul_(valid[:, None])
-            g = g.to(dtype)  # (n, V)
+            g = chunk_logits_grad(logits, lse, safe_t, -valid.float(), fused)  # (n, V)
+            del logits
             if need_hidden_grad:
                 grad_hidden[start : start + chunk_tokens] = (g @ w).to(hidden.dtype)
             if need_weight_grad:
-                grad_weight += (g.T @ h).float()  # (V, C)
+                add_weight_grad(grad_weight, g, h)  # (V, C)
+            del g
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -111,11 +168,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def linear_token_logprobs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX, chunk_tokens: int | None = None
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX, chunk_tokens: int | None = None,
+    fused: bool | None = None,
 ) -> Tensor:
     """log_softmax(hidden @ weight.T).gather(targets) -> (B, T) float32, 0.0 where targets ==
     ignore_index, without materialising the (B, T, V) logits in forward or backward.
@@ -123,17 +181,20 @@ def linear_token_logprobs(
     hidden (B, T, C), weight (V, C), targets (B, T). Forward keeps only each token's logsumexp;
     backward recomputes one chunk of logits at a time from it, so the result may be weighted,
     summed per sequence, passed through a sigmoid (DPO) or multiplied by advantages (GRPO) freely.
+    fused: each chunk's softmax work compiled into fused kernels (default: on CUDA).
     """
     B, T = targets.shape
     dtype = _matmul_dtype(hidden)
     chunk_tokens = chunk_tokens or _default_chunk(weight.shape[0])
-    out = _LinearTokenLogprobs.apply(hidden.flatten(0, 1), weight, targets.flatten(), ignore_index, chunk_tokens, dtype)
+    fused = _use_fused(fused, hidden)
+    out = _LinearTokenLogprobs.apply(hidden.flatten(0, 1), weight, targets.flatten(), ignore_index, chunk_tokens,
+                                     dtype, fused)
     return out.view(B, T)
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_tokens, dtype):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_tokens, dtype, fused):
         w = weight.to(dtype)
         valid = targets != ignore_index
         safe_t = torch.where(valid, targets, 0)
@@ -141,12 +202,13 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         lse = torch.empty_like(logprobs)
         for start in range(0, hidden.shape[0], chunk_tokens):
             end = start + chunk_tokens
-            logits = (hidden[start:end].to(dtype) @ w.T).float()  # (n, V)
-            lse[start:end] = torch.logsumexp(logits, dim=-1)
-            logprobs[start:end] = logits.gather(1, safe_t[start:end, None]).squeeze(1) - lse[start:end]
+            logits = hidden[start:end].to(dtype) @ w.T  # (n, V)
+            lse[start:end], picked = chunk_logsumexp_picked(logits, safe_t[start:end], fused)
+            logprobs[start:end] = picked - lse[start:end]
+            del logits
         logprobs.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(hidden, weight, safe_t, valid, lse)
-        ctx.chunk_tokens, ctx.dtype = chunk_tokens, dtype
+        ctx.chunk_tokens, ctx.dtype, ctx.fused = chunk_tokens, dtype, fused
         return logprobs
 
     @staticmethod
@@ -161,15 +223,14 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         for start in range(0, n_tok, ctx.chunk_tokens):
             end = start + ctx.chunk_tokens
             h = hidden[start:end].to(dtype)  # (n, C)
-            logits = (h @ w.T).float()  # (n, V), recomputed
+            logits = h @ w.T  # (n, V), recomputed
             # d log p(t) / d logits = one_hot(t) - softmax, times the upstream gradient of each token.
-            g = torch.exp(logits.sub_(lse[start:end, None])).neg_()
-            g[torch.arange(h.shape[0], device=g.device), safe_t[start:end]] += 1.0
-            g.mul_(grad_out[start:end, None])
-            g = g.to(dtype)
+            g = chunk_logits_grad(logits, lse[start:end], safe_t[start:end], grad_out[start:end], ctx.fused)
+            del logits
             if need_hidden_grad:
                 grad_hidden[start:end] = (g @ w).to(hidden.dtype)
             if need_weight_grad:
-                grad_weight += (g.T @ h).float()  # (V, C)
+                add_weight_grad(grad_weight, g, h)  # (V, C)
+            del g
         gw = grad_weight.to(weight.dtype) if grad_weight is not None else None
-        return grad_hidden, gw, None, None, None, None
+        return grad_hidden, gw, None, None, None, None, None

@@ -225,8 +225,11 @@ def test_flex_block_mask_with_sliding_window_matches_dense():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_token_logprobs_in_bf16_match_float64():
-    """The per-token path under bf16 autocast: values and the gradient of a weighting, within bf16 tolerance."""
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_token_logprobs_in_bf16_match_float64(fused):
+    """The per-token path under bf16 autocast: values and the gradient of a weighting, within bf16
+    tolerance; fused: the chunks' softmax compiled and the weight gradient added in the matmul (the
+    CUDA default), eager: the CPU path, run here on the GPU."""
     from algos.logprobs import linear_token_logprobs
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -235,12 +238,34 @@ def test_token_logprobs_in_bf16_match_float64():
     targets = torch.randint(0, 2000, (4, 64), device="cuda", generator=g)
     upstream = torch.randn(4, 64, device="cuda", generator=g)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        got = linear_token_logprobs(hidden, weight, targets, chunk_tokens=100)
+        got = linear_token_logprobs(hidden, weight, targets, chunk_tokens=100, fused=fused)
     (got * upstream).sum().backward()
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     ref = torch.log_softmax(h64 @ w64.T, -1).gather(-1, targets[..., None]).squeeze(-1)
     (ref * upstream.double()).sum().backward()
     torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_linear_cross_entropy_in_bf16_matches_float64(fused):
+    """The summed loss head (pretraining, SFT) under bf16 autocast, against float64."""
+    from algos.logprobs import IGNORE_INDEX, linear_cross_entropy_sum
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    hidden = torch.randn(4, 64, 128, device="cuda", generator=g, requires_grad=True)
+    weight = (0.05 * torch.randn(2000, 128, device="cuda", generator=g)).requires_grad_()
+    targets = torch.randint(0, 2000, (4, 64), device="cuda", generator=g)
+    targets[0, :10] = IGNORE_INDEX
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = linear_cross_entropy_sum(hidden, weight, targets, chunk_tokens=100, fused=fused)
+    loss.backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    logp = torch.log_softmax(h64 @ w64.T, -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    ref = -(logp * (targets != IGNORE_INDEX)).sum()
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=5e-2, atol=5e-2)
     torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=5e-2, atol=5e-2)
 

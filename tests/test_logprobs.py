@@ -17,14 +17,15 @@ def _reference_sum_ce(hidden, weight, targets):
     return -(picked * valid).sum()
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 7, 1000])
-def test_linear_cross_entropy_matches_float64_formula(chunk):
+# fused: the chunks' softmax work compiled, as on CUDA (here by inductor's CPU backend), not eager.
+@pytest.mark.parametrize("chunk,fused", [(1, False), (5, False), (7, False), (1000, False), (5, True), (1000, True)])
+def test_linear_cross_entropy_matches_float64_formula(chunk, fused):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 7, 16, generator=g, requires_grad=True)
     weight = torch.randn(50, 16, generator=g, requires_grad=True)
     targets = torch.randint(0, 50, (3, 7), generator=g)
     targets[0, :3] = IGNORE_INDEX
-    loss = linear_cross_entropy_sum(hidden, weight, targets, chunk_tokens=chunk)
+    loss = linear_cross_entropy_sum(hidden, weight, targets, chunk_tokens=chunk, fused=fused)
     (loss * 0.5).backward()
     h64 = hidden.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()
@@ -60,8 +61,8 @@ def _reference_token_logprobs(hidden, weight, targets):
     return torch.where(targets != IGNORE_INDEX, picked, 0.0)
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 7, 1000])
-def test_token_logprobs_and_any_weighting_match_float64_log_softmax(chunk):
+@pytest.mark.parametrize("chunk,fused", [(1, False), (4, False), (7, False), (1000, False), (4, True), (1000, True)])
+def test_token_logprobs_and_any_weighting_match_float64_log_softmax(chunk, fused):
     """Per-token log-probs, and the gradient of a random per-token weighting of them (what DPO's
     sigmoid and GRPO's advantages feed back), against float64 log_softmax."""
     g = torch.Generator().manual_seed(3)
@@ -70,7 +71,7 @@ def test_token_logprobs_and_any_weighting_match_float64_log_softmax(chunk):
     targets = torch.randint(0, 50, (3, 7), generator=g)
     targets[1, 4:] = IGNORE_INDEX
     upstream = torch.randn(3, 7, generator=g, dtype=torch.float64)
-    got = linear_token_logprobs(hidden, weight, targets, chunk_tokens=chunk)
+    got = linear_token_logprobs(hidden, weight, targets, chunk_tokens=chunk, fused=fused)
     (got.double() * upstream).sum().backward()
     h64 = hidden.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()

@@ -520,28 +520,39 @@ def chunk_tokens(r: Recipe) -> int:
     return min(r.tokens, r.chunk_tokens or max(1, 2**28 // r.model.vocab_size))
 
 
+def fused_head(r: Recipe) -> bool:
+    """On CUDA the head's softmax work is compiled into fused kernels (algos/logprobs.py)."""
+    return r.device == "cuda"
+
+
+def chunk_softmax_bytes(r: Recipe) -> int:
+    """One chunk's logits (n x V) and what its softmax work allocates beside them. Eager: a float32
+    copy of the logits (unless they are float32) and logsumexp's float32 temporary, or the
+    gradient's float32 exp and its cast, whichever is larger; fused: only the logits. The previous
+    chunk's tensors are freed before the next chunk's logits are made."""
+    c, A = compute_bytes(r), chunk_tokens(r) * r.model.vocab_size
+    if fused_head(r):
+        return c * A
+    return (c + 8) * A if c != 4 else 8 * A
+
+
 def head_chunk_bytes(r: Recipe) -> int:
-    """The transient peak inside the output projection, on top of what is saved: one chunk of n
-    tokens' logits (n x V). The matmul's c-byte output and its float32 copy; logsumexp's float32
-    exp; the softmax gradient in float32 and its c-byte cast; from the second chunk on, the previous
-    chunk's float32 logits and c-byte gradient are still bound while the new logits are made. When
-    the output weight trains, (g^T h) and its float32 copy (V x C) beside one chunk's logits and
-    gradient. Plus the weight and the chunk's hidden states cast to the compute dtype, and the final
-    norm's output the head reads (the log-prob head saves it anyway). The log-prob head's
-    backward recomputes each chunk the same way (its forward needs less) and allocates the hidden
-    states' and the output weight's gradients there."""
+    """The transient peak inside the output projection, on top of what is saved: one chunk's softmax
+    work (chunk_softmax_bytes); with a gradient, the chunk's logits beside their gradient (fused) or
+    the gradient's float32 exp and its cast (eager). When the output weight trains, its gradient is
+    added chunk by chunk: eager through (g^T h) and a float32 copy (V x C each), beside the chunk's
+    gradient; fused inside the matmul (compute bf16) with no temporary. Plus the weight and the
+    chunk's hidden states cast to the compute dtype, and the final norm's output the head reads
+    (the log-prob head saves it anyway). The log-prob head's backward recomputes each chunk the same
+    way (its forward needs less) and allocates the hidden states' and the output weight's gradients
+    there."""
     c, V, C = compute_bytes(r), r.model.vocab_size, r.model.hidden_size
     n = chunk_tokens(r)
     A = n * V
-    cast = c != 4
-    g = c if cast else 4  # the gradient chunk as the matmul reads it
-    previous = 4 + g if r.tokens > n else 0  # last chunk's logits and gradient, still bound
-    at_logits = previous * A + (c + 4 if cast else 4) * A
-    at_exp = (8 + (g if previous else 0)) * A
-    at_cast = (8 + c) * A if cast else 8 * A
-    peak = max(at_logits, at_exp, at_cast)
-    if output_trains(r):
-        peak = max(peak, (4 + g) * A + V * C * (c + 4 if cast else 4))
+    peak = max(chunk_softmax_bytes(r), 2 * c * A)
+    if output_trains(r) and not (fused_head(r) and c != 4):
+        g = c if c != 4 else 4
+        peak = max(peak, g * A + V * C * (c + 4 if c != 4 else 4))
     w_copy = V * C * c if output_weight_bytes(r) != V * C * c else 0
     h_copy = n * C * c if stream_bytes(r) != c else 0  # the chunk's hidden states in the compute dtype
     if r.head == "logprobs":  # its backward allocates the gradients the loss head made in forward
@@ -582,18 +593,14 @@ def is_adapter(p: Param) -> bool:
 def reference_pass_bytes(r: Recipe) -> int:
     """Transient of the reference's forward (no grad; DPO runs it while the policy's activations are
     alive): the larger of its log-prob head (the hidden states, the output weight in the compute
-    dtype, one chunk's logits: the matmul's output and its float32 copy beside the previous chunk's,
-    or the logits and logsumexp's float32 exp) and one block's largest working set (the stream, the
-    norm output, gate, up and their product)."""
+    dtype, one chunk's softmax work: chunk_softmax_bytes) and one block's largest working set (the
+    stream, the norm output, gate, up and their product)."""
     if r.reference not in ("copy", "adapters_off"):
         return 0
     cfg, c, s = r.model, compute_bytes(r), stream_bytes(r)
     C, V = cfg.hidden_size, cfg.vocab_size
-    A = chunk_tokens(r) * V
-    previous = 4 * A if r.tokens > chunk_tokens(r) else 0
-    logits = max((c + 4 if c != 4 else 4) * A + previous, 8 * A)
     w_copy = V * C * c if output_weight_bytes(r) != V * C * c else 0
-    head = r.tokens * C * s + w_copy + logits
+    head = r.tokens * C * s + w_copy + chunk_softmax_bytes(r)
     block = r.tokens * (2 * s * C + 3 * c * cfg.intermediate_size)
     return max(head, block)
 
