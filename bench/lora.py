@@ -77,6 +77,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compile our blocks")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", action="store_true", help="after each row's timed steps, profile 3 steps "
+                   "(bench/kernels.py: GPU time by part, longest kernels)")
     p.add_argument("--rows", default="ours lora,ours lora ac,ours qlora,ours qlora ac,peft,peft ac")
     args = p.parse_args()
     device = torch.device(args.device)
