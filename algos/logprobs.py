@@ -96,8 +96,9 @@ def chunk_logits_grad(logits: Tensor, lse: Tensor, targets: Tensor, scale: Tenso
 
 
 def add_weight_grad(grad_weight: Tensor, g: Tensor, h: Tensor) -> None:
-    """grad_weight (V, C) float32 += g^T h. On CUDA with half-precision g and h the matmul writes
-    float32 and adds in its epilogue, with no (V, C) temporary (or two: its output and a float32 copy)."""
+    """grad_weight (V, C) float32 += g^T h. On CUDA with half-precision g and h the matmul accumulates
+    into grad_weight in float32 itself; elsewhere the product and its float32 copy are two (V, C)
+    temporaries."""
     if g.is_cuda and g.dtype != torch.float32:
         torch.addmm(grad_weight, g.T, h, out_dtype=torch.float32, out=grad_weight)
     else:
