@@ -10,7 +10,9 @@ from tests/assets), G = 8 completions of max 256 tokens each, sampled at tempera
 model almost never samples its end token, so completions run to the limit), one optimizer step per
 rollout (mu = 1), micro-batches of 8 completions. The reward is a cheap function of the text.
 
-Rows: ours (the rollout engine: static cache, CUDA graphs, in-process); TRL with its default
+Rows: ours (the rollout engine: static cache, CUDA graphs, in-process), with --micro_batch completions
+per micro-batch, and with all of them in one ("ours, one micro-batch": each prompt's row holds its G
+completions; TRL's micro-batch is --micro_batch in every row); TRL with its default
 generation path (transformers generate); TRL with `cache_implementation="static"` (which fails on
 float32 weights under bf16 autocast: transformers allocates the static cache in the weights' dtype),
 and the same with the model loaded in bf16 (`model_init_kwargs`: bf16 weights, a different recipe).
@@ -40,7 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from dpo import _model_config, make_data, profile_steps  # noqa: E402  (the same text and tokenizer as the DPO bench)
 
 ROWS = [("ours", "ours", None), ("TRL default generate", "trl", None), ("TRL static cache", "trl", "static"),
-        ("TRL static, bf16 weights", "trl", "static-bf16")]
+        ("TRL static, bf16 weights", "trl", "static-bf16"), ("ours, one micro-batch", "ours", "one")]
 WARMUP = 3
 
 
@@ -57,13 +59,13 @@ def write_prompts(data: Path) -> Path:
     return data / "prompts.jsonl"
 
 
-def run_ours(args, data: Path) -> dict:
+def run_ours(args, data: Path, micro_batch: int) -> dict:
     from train import grpo
     from train.config import parse_config
 
     out = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     argv = ["--out_dir", str(out), "--steps", str(args.steps), "--global_batch", str(args.prompts),
-            "--micro_batch", str(args.micro_batch), "--eval_every", "0", "--sample_tokens", "0",
+            "--micro_batch", str(micro_batch), "--eval_every", "0", "--sample_tokens", "0",
             "--model.preset", args.model, *(["--model.vocab_size", str(args.vocab_size)] if args.vocab_size else []),
             "--data.train", f"[{data / 'prompts.jsonl'}]", "--data.tokenizer", str(data / "tokenizer"),
             "--data.chat_template", "chatml", "--data.max_prompt_len", str(args.prompt_tokens + 32),
@@ -152,7 +154,10 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         mode, cache, data = args.worker
-        result = run_ours(args, Path(data)) if mode == "ours" else run_trl(args, Path(data), None if cache == "none" else cache)
+        if mode == "ours":  # "one": every completion of the step in one micro-batch (one row per prompt)
+            result = run_ours(args, Path(data), args.prompts * args.G if cache == "one" else args.micro_batch)
+        else:
+            result = run_trl(args, Path(data), None if cache == "none" else cache)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -190,9 +195,10 @@ def main() -> None:
         results[name] = r["s_per_step"]
         print(f"| {name:22s} | {r['s_per_step']:.2f} | {tokens / r['s_per_step']:,.0f} | {cols} | {r['peak_gib']:.1f} |",
               flush=True)
-    for name in ("TRL default generate", "TRL static cache", "TRL static, bf16 weights"):
-        if "ours" in results and name in results:
-            print(f"ours vs {name}: {results[name] / results['ours']:.1f}x faster per step")
+    for ours in ("ours", "ours, one micro-batch"):
+        for name in ("TRL default generate", "TRL static cache", "TRL static, bf16 weights"):
+            if ours in results and name in results:
+                print(f"{ours} vs {name}: {results[name] / results[ours]:.1f}x faster per step")
 
 
 if __name__ == "__main__":
