@@ -133,6 +133,8 @@ def run_ours(args, data: Path, reference: str, ckpt: bool) -> dict:
 
     dpo.precomputed_logps = timed
     if args.profile:
+        from kernels import profile_steps
+
         profile_steps(dpo, "ours " + reference, start=max(1, args.steps // 2 - 3))  # ends before the timed half
     dpo.main(parse_config(dpo.DPOConfig, argv))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -150,21 +152,6 @@ def run_ours(args, data: Path, reference: str, ckpt: bool) -> dict:
     mcfg = _model_config(args)
     return {"s_per_step": s_per_step, "tokens_per_pair": tokens_per_pair, "peak_gib": train[-1].get("peak_mem_gib") or 0.0,
             "precompute_s": precompute.get("s"), "flops_per_token": mcfg.flops_per_token(args.max_len)}
-
-
-def profile_steps(loop_module, name: str, start: int, steps: int = 3) -> None:
-    """Make the loop's Throughput (its .add runs once at the end of every step) profile `steps` steps
-    after `start` and print where their time went (bench/kernels.py)."""
-    from kernels import StepProfiler
-
-    profiler = StepProfiler(name, start, steps)
-
-    class ProfiledThroughput(loop_module.Throughput):
-        def add(self, tokens: int) -> None:
-            super().add(tokens)
-            profiler.step()
-
-    loop_module.Throughput = ProfiledThroughput
 
 
 def run_trl(args, data: Path, reference: str, ckpt: bool) -> dict:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from dpo import _model_config, make_data, profile_steps  # noqa: E402  (the same text and tokenizer as the DPO bench)
+from dpo import _model_config, make_data  # noqa: E402  (the same text and tokenizer as the DPO bench)
 
 ROWS = [("ours", "ours", None), ("TRL default generate", "trl", None), ("TRL static cache", "trl", "static"),
         ("TRL static, bf16 weights", "trl", "static-bf16"), ("ours, one micro-batch", "ours", "one")]
@@ -73,6 +73,8 @@ def run_ours(args, data: Path, micro_batch: int) -> dict:
             "--grpo.beta", "0.04", "--grpo.log_completions_every", "0", "--checkpoint.export_hf", "false",
             "--log.every", "1", "--parallel.compile", str(torch.cuda.is_available()).lower(), "--optim.lr", "1e-6"]
     if args.profile:
+        from kernels import profile_steps
+
         profile_steps(grpo, "ours", start=WARMUP)
     grpo.main(parse_config(grpo.GRPOConfig, argv), reward_funcs=[vowel_share])
     train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

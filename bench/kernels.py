@@ -2,6 +2,7 @@
 
     print_gpu_time(name, prof, steps, wall_ms)   # after `with torch.profiler.profile(...) as prof:`
     StepProfiler(name, start=4, steps=3)         # inside a training loop: .step() once per step
+    profile_steps(train.dpo, name, start=4)      # the same, inside a loop module's own main()
 
 The kernels are grouped into the parts bench/budget.py counts (matmuls, attention, fused elementwise
 work, the optimizer); whatever the kernels leave of the wall time of a step is time the GPU waited for
@@ -79,7 +80,9 @@ class StepProfiler:
         if self.done == self.start:
             if cuda:
                 torch.cuda.synchronize()
-            activities = [ProfilerActivity.CUDA] * cuda + [ProfilerActivity.CPU] * (self.cpu or not cuda)
+            activities = [ProfilerActivity.CUDA] if cuda else []
+            if self.cpu or not cuda:
+                activities.append(ProfilerActivity.CPU)
             self.prof = profile(activities=activities)
             self.prof.__enter__()
             self.t0 = time.perf_counter()
@@ -90,3 +93,16 @@ class StepProfiler:
             self.prof.__exit__(None, None, None)
             print_gpu_time(self.name, self.prof, self.steps, wall_ms)
             self.prof = None
+
+
+def profile_steps(loop_module, name: str, start: int, steps: int = 3) -> None:
+    """Make a loop module's Throughput (its .add runs once at the end of every step) profile `steps`
+    steps after `start` with a StepProfiler, so the loop's own main() is profiled unchanged."""
+    profiler = StepProfiler(name, start, steps)
+
+    class ProfiledThroughput(loop_module.Throughput):
+        def add(self, tokens: int) -> None:
+            super().add(tokens)
+            profiler.step()
+
+    loop_module.Throughput = ProfiledThroughput

@@ -550,9 +550,8 @@ def head_chunk_bytes(r: Recipe) -> int:
     n = chunk_tokens(r)
     A = n * V
     peak = max(chunk_softmax_bytes(r), 2 * c * A)
-    if output_trains(r) and not (fused_head(r) and c != 4):
-        g = c if c != 4 else 4
-        peak = max(peak, g * A + V * C * (c + 4 if c != 4 else 4))
+    if output_trains(r) and not (fused_head(r) and c != 4):  # the chunk's gradient beside (g^T h) and its copy
+        peak = max(peak, c * A + V * C * (c + 4 if c != 4 else 4))
     w_copy = V * C * c if output_weight_bytes(r) != V * C * c else 0
     h_copy = n * C * c if stream_bytes(r) != c else 0  # the chunk's hidden states in the compute dtype
     if r.head == "logprobs":  # its backward allocates the gradients the loss head made in forward
