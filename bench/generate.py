@@ -105,41 +105,55 @@ def logprob_mismatch(ours, engine, prompts, P, N, dtype, device, sampling):
 
 
 def attention_backends(cfg, L, batches, bandwidth):
-    """One layer's decode attention over a half-written static cache: through each SDPA backend with a
-    mask over the whole cache (eager), written out, and FlexAttention's decoding kernel (compiled)
-    over the written blocks, as the engine runs it."""
+    """One layer's decode attention over a static cache with columns written up to the middle of a call:
+    through each SDPA backend with a mask over the whole cache (eager), written out, and FlexAttention's
+    decoding kernel over the written blocks as the engine runs it (the block mask built on the device
+    inside the compiled function, captured in a CUDA graph), with its default kernel options and others."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
     from model.masks import decode_block_mask
 
     K, G, D = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    written = 3 * L // 4  # columns written at the middle of a call (prompt 128 + 128 of 256 new)
     for b in batches:
         q = torch.randn(b, K, G, D, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(b, K, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         bias = torch.zeros(b, 1, 1, L, device="cuda", dtype=torch.bfloat16)
-        bias[:, :, :, L // 2 + 1 :] = float("-inf")
+        bias[:, :, :, written:] = float("-inf")
 
         def written_out():
             scores = (q @ k.transpose(-1, -2)).float() / D**0.5 + bias  # (b, K, G, L)
             return scores.softmax(-1).to(v.dtype) @ v
 
-        pad_len, pos = torch.zeros(b, dtype=torch.long, device="cuda"), torch.tensor([L // 2], device="cuda")
-        flex = torch.compile(flex_attention, dynamic=False)
+        pad_len, pos = torch.zeros(b, dtype=torch.long, device="cuda"), torch.tensor([written - 1], device="cuda")
         q_heads = q.reshape(b, K * G, 1, D)  # (b, H, T=1, D)
-
-        def flex_decode():  # the engine's attention: only the blocks written so far are read
-            return flex(q_heads, k, v, block_mask=decode_block_mask(pad_len, pos, L), enable_gqa=True)
-
-        variants = {"written out": written_out, "flex decode": flex_decode}
-        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                              ("math", SDPBackend.MATH)):
+        variants = {"written out": written_out}
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
             def fn(backend=backend):
                 with sdpa_kernel([backend]):
                     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             variants[name] = fn
+        for options in ({}, {"SPLIT_KV": 2}, {"SPLIT_KV": 4}, {"SPLIT_KV": 8}, {"BLOCK_N": 128},
+                        {"SPLIT_KV": 4, "BLOCK_N": 128}, {"num_warps": 2}, {"num_stages": 1}):
+            def flex_step(q_heads, k, v, pad_len, pos, options=options):
+                return flex_attention(q_heads, k, v, block_mask=decode_block_mask(pad_len, pos, L), enable_gqa=True,
+                                      kernel_options=options or None)
+            compiled = torch.compile(flex_step, dynamic=False)
+            name = "flex " + (",".join(f"{k}={v}" for k, v in options.items()) or "default")
+            try:
+                for _ in range(2):
+                    compiled(q_heads, k, v, pad_len, pos)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(10):
+                        compiled(q_heads, k, v, pad_len, pos)
+                variants[name] = lambda graph=graph: graph.replay()
+            except Exception as e:
+                print(f"#   {name}: {type(e).__name__}: {str(e)[:120]}")
         times = {}
         for name, fn in variants.items():
+            per_call = 10 if name.startswith("flex") else 1  # a replay runs 10 captured calls
             try:
                 fn()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -148,15 +162,14 @@ def attention_backends(cfg, L, batches, bandwidth):
                     fn()
                 end.record()
                 torch.cuda.synchronize()
-                times[name] = start.elapsed_time(end) / 20 * 1e3
+                times[name] = start.elapsed_time(end) / 20 / per_call * 1e3
             except Exception as e:
                 times[name] = float("nan")
                 print(f"#   {name}: {type(e).__name__}: {str(e)[:120]}")
-        kv_bytes = 2 * k.numel() * k.element_size()
-        print(f"# decode attention, one layer, batch {b} x {L} columns ({kv_bytes / 2**20:.0f} MiB of K/V, "
-              f"{kv_bytes / bandwidth * 1e6:.1f} us at the copy bandwidth), us: " +
-              ", ".join(f"{n} {t:.1f}" for n, t in times.items()))
-
+        kv_bytes = 2 * b * K * written * D * k.element_size()
+        print(f"# decode attention, one layer, batch {b}, {written} of {L} columns written ({kv_bytes / 2**20:.0f} MiB "
+              f"of K/V, {kv_bytes / bandwidth * 1e6:.1f} us at the copy bandwidth), us: " +
+              ", ".join(f"{n} {t:.1f}" for n, t in times.items()), flush=True)
 
 
 def decode_step_profile(ours, engine, b, P, N, weight_bytes, bandwidth, with_eager=True):
@@ -282,6 +295,16 @@ def main():
             _, fixed, _ = timed(lambda: engine.generate(prompts[:b], 1, seed=1, **sampling), device, 0, 0, 5)
             print(f"# a call for 1 new token (prefill of {b} x {P - 1} tokens, snapshot refresh, one step): "
                   f"{fixed * 1e3:.1f} ms")
+            from model.generate import _refresh_snapshot
+            from model.masks import causal_mask
+
+            _, refresh, _ = timed(lambda: _refresh_snapshot(engine.net, engine.model), device, 0, 0, 5)
+            ids = torch.tensor(prompts[:b], device=device)[:, :-1]
+            mask = causal_mask(torch.ones_like(ids, dtype=torch.bool), P - 1)
+            _, prefill, _ = timed(lambda: engine.net(ids, attn_mask=mask, cache=engine.cache.rows(0, b),
+                                                     logits_to_keep=1), device, 0, 0, 5)
+            print(f"#   of which the snapshot refresh {refresh * 1e3:.1f} ms, the prefill forward {prefill * 1e3:.1f} ms "
+                  f"({2 * sum(t.numel() for t in engine.net.parameters()) * b * (P - 1) / prefill / 1e12:.0f} TFLOP/s)")
             if device.type == "cuda":
                 decode_step_profile(ours, engine, b, P, N, weight_bytes, bandwidth, with_eager=False)
         return

@@ -54,11 +54,12 @@ def document_mask(document_ids: Tensor, sliding_window: int | None = None, share
     return (same_doc & allowed)[:, None]
 
 
-def document_block_mask(document_ids: Tensor, sliding_window: int | None = None, shared_prefix: bool = False):
-    """The FlexAttention BlockMask equivalent of document_mask, for CUDA. Built once per forward,
-    on the device of document_ids; every layer shares it."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+def document_block_mask(document_ids: Tensor, sliding_window: int | None = None, shared_prefix: bool = False,
+                        compiled: bool | None = None):
+    """The FlexAttention BlockMask equivalent of document_mask, for CUDA. Built on the device of
+    document_ids; every layer shares it. compiled (default: on CUDA): build it through torch.compile,
+    one fused kernel over the (T, T) mask; eager evaluates mask_mod under vmap, some fifty kernels
+    and about a millisecond of host time per call (measured in a GRPO step: bench/RESULTS.md)."""
     # Out of place only: an in-place `|=` here fails to compile ("Buffers cannot be created while
     # lowering a pointwise subgraph", torch 2.11).
     def mask_mod(b, h, q_idx, kv_idx):
@@ -71,7 +72,28 @@ def document_block_mask(document_ids: Tensor, sliding_window: int | None = None,
         return allowed
 
     B, T = document_ids.shape
-    return create_block_mask(mask_mod, B, None, T, T, device=document_ids.device)
+    if compiled is None:
+        compiled = document_ids.device.type == "cuda"
+    build = _compiled_create_block_mask() if compiled else _create_block_mask()
+    return build(mask_mod, B, None, T, T, device=document_ids.device)
+
+
+def _create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask
+
+
+_compiled_builder = None
+
+
+def _compiled_create_block_mask():
+    """torch.compile(create_block_mask), built on first use and shared: row lengths vary from batch
+    to batch, so after the second length it compiles once more with a symbolic length and stops."""
+    global _compiled_builder
+    if _compiled_builder is None:
+        _compiled_builder = torch.compile(_create_block_mask())
+    return _compiled_builder
 
 
 def packed_mask(document_ids: Tensor, sliding_window: int | None = None, shared_prefix: bool = False):
@@ -85,19 +107,34 @@ def packed_mask(document_ids: Tensor, sliding_window: int | None = None, shared_
 def decode_block_mask(pad_len: Tensor, pos: Tensor, cache_len: int, sliding_window: int | None = None):
     """The FlexAttention BlockMask of one decode step over a static cache (model/generate.py's
     RolloutEngine): the query of row b, written at column pos, sees the columns pad_len[b] <= k <= pos
-    (left padding before pad_len[b]) within the sliding window. The block list holds the blocks up
-    to pos only, so attention reads the part of the cache written so far and not the whole buffer;
-    every listed block is partial (the mask is applied in it). Everything is a tensor computed on
-    the device from pad_len (B,) and pos (1,): no shape depends on the step, so it compiles and is
-    captured once with the step. With one query per row and one block list for all heads, compiled
-    FlexAttention runs its decoding kernel (the key/value sequence split across the GPU, the query
-    heads of a key/value head in one tile)."""
+    (left padding before pad_len[b]) within the sliding window. The block lists hold only blocks that
+    row can see, so attention reads the part of the cache written so far and no block of padding.
+    Blocks wholly seen are listed as full (the kernel skips mask_mod there); the block holding pos
+    and the one where the padding ends are partial (mask_mod applied). With a sliding window every
+    listed block is partial. Everything is a tensor computed on the device from pad_len (B,) and pos
+    (1,): no shape depends on the step, so it compiles and is captured once with the step. With one
+    query per row and one block list for all heads, compiled FlexAttention runs its decoding kernel
+    (the key/value sequence split across the GPU, the query heads of a key/value head in one tile)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     B, blocks = pad_len.shape[0], -(-cache_len // DECODE_BLOCK)
-    written = torch.div(pos, DECODE_BLOCK, rounding_mode="floor") + 1  # (1,) blocks holding columns <= pos
-    kv_num_blocks = written.to(torch.int32).expand(B).reshape(B, 1, 1)  # (B, H=1, query blocks=1)
-    kv_indices = torch.arange(blocks, dtype=torch.int32, device=pad_len.device).expand(B, 1, 1, blocks)
+    j = torch.arange(blocks, dtype=torch.int32, device=pad_len.device)  # (blocks,)
+    last = torch.div(pos, DECODE_BLOCK, rounding_mode="floor").to(torch.int32)  # (1,) holds column pos
+    first = torch.div(pad_len, DECODE_BLOCK, rounding_mode="floor").to(torch.int32)  # (B,) holds column pad_len
+    if sliding_window is None:
+        # Full: the blocks after the one where padding ends (that one too when padding ends at its
+        # edge) and before `last`. Partial: `last`, and the padding's block when it is not `last`.
+        first_full = torch.div(pad_len + DECODE_BLOCK - 1, DECODE_BLOCK, rounding_mode="floor").to(torch.int32)
+        full_num = (last - first_full).clamp(min=0)  # (B,)
+        full_idx = (first_full[:, None] + j).clamp(max=blocks - 1)  # (B, blocks), the first full_num used
+        head = (first < first_full) & (first < last)  # (B,) padding ends inside a block before `last`
+        num = 1 + head.to(torch.int32)
+        idx = torch.where(j == 0, torch.where(head, first, last)[:, None], last)  # (B, blocks): [first,] last
+        full = (full_num.reshape(B, 1, 1).contiguous(), full_idx.reshape(B, 1, 1, blocks).contiguous())
+    else:
+        num = last + 1 - first  # every block from the padding's to `last`, all partial
+        idx = (first[:, None] + j).clamp(max=blocks - 1)
+        full = (None, None)
 
     def mask_mod(b, h, q_idx, kv_idx):
         seen = (kv_idx >= pad_len[b]) & (kv_idx <= pos[0])
@@ -106,8 +143,9 @@ def decode_block_mask(pad_len: Tensor, pos: Tensor, cache_len: int, sliding_wind
         return seen
 
     extra = {"compute_q_blocks": False} if _FROM_KV_BLOCKS_TAKES_COMPUTE_Q else {}  # no backward here
-    return BlockMask.from_kv_blocks(kv_num_blocks.contiguous(), kv_indices.contiguous(), BLOCK_SIZE=DECODE_BLOCK,
-                                    mask_mod=mask_mod, seq_lengths=(1, cache_len), **extra)
+    return BlockMask.from_kv_blocks(num.reshape(B, 1, 1).contiguous(), idx.reshape(B, 1, 1, blocks).contiguous(),
+                                    *full, BLOCK_SIZE=DECODE_BLOCK, mask_mod=mask_mod, seq_lengths=(1, cache_len),
+                                    **extra)
 
 
 def _from_kv_blocks_takes_compute_q() -> bool:

@@ -482,3 +482,41 @@ def test_engine_under_fsdp2_gathers_once_and_matches_one_process(stories, tmp_pa
         assert result["sharded"] == "DTensor"  # resharded after the rollout
         if result["gathers"] is not None:
             assert len(result["gathers"]) == len(ours.layers) + 1  # each block and the root, once
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_decode_block_mask_lists_exactly_the_columns_a_row_sees(window):
+    """decode_block_mask's block lists against the rule written out: row b, writing column pos, sees
+    pad_len[b] <= k <= pos (and pos - k < window). Partial blocks count the columns mask_mod allows,
+    full blocks all of theirs; no block may be listed twice (the kernel would count it twice), and
+    no block of padding alone is listed (it would be read for nothing)."""
+    from model.masks import decode_block_mask
+
+    L = 5 * DECODE_BLOCK
+    pad_len = torch.tensor([0, 1, 127, 128, 129, 300, 383, 384])
+    for pos in (383, 384, 450, 511, 512, 639):
+        bm = decode_block_mask(pad_len, torch.tensor([pos]), L, window)
+        for b, pad in enumerate(pad_len.tolist()):
+            if pad > pos:  # never in the engine: a row's last prompt token is at a column >= pad_len
+                continue
+            partial = bm.kv_indices[b, 0, 0, : bm.kv_num_blocks[b, 0, 0]].tolist()
+            full = [] if bm.full_kv_num_blocks is None else \
+                bm.full_kv_indices[b, 0, 0, : bm.full_kv_num_blocks[b, 0, 0]].tolist()
+            assert len(set(partial + full)) == len(partial) + len(full), (b, pos, partial, full)
+            seen = {c for blk in full for c in range(blk * DECODE_BLOCK, (blk + 1) * DECODE_BLOCK)}
+            seen |= {c for blk in partial for c in range(blk * DECODE_BLOCK, (blk + 1) * DECODE_BLOCK)
+                     if bool(bm.mask_mod(torch.tensor(b), 0, 0, torch.tensor(c)))}
+            expected = {c for c in range(L) if pad <= c <= pos and (window is None or pos - c < window)}
+            assert seen == expected, (b, pos)
+            assert all(blk >= pad // DECODE_BLOCK for blk in partial + full)
+
+
+def test_argmax_rows_equals_argmax_with_ties_and_ragged_width():
+    g = torch.Generator().manual_seed(3)
+    for V in (50, 131, 1000):
+        x = torch.randint(0, 6, (9, V), generator=g).float()  # many ties: the first index must win
+        x[0] = float("-inf")
+        x[0, V - 1] = 0.0  # the maximum in the padded last slice
+        x[1, 2:] = float("-inf")
+        assert torch.equal(gen.argmax_rows(x), x.argmax(dim=-1))
+        assert torch.equal(gen.argmax_rows(x, parts=7), x.argmax(dim=-1))

@@ -169,3 +169,24 @@ def test_packed_rows_apply_the_sliding_window():
         differs = unwindowed(a)
     assert _rel_err(got, expected) < 1e-5
     assert _rel_err(differs, expected[:, :9]) > 1e-3  # the window really changes the result
+
+
+@pytest.mark.parametrize("shared_prefix,window", [(True, None), (False, 100)])
+def test_compiled_document_block_mask_lists_the_blocks_of_the_dense_mask(shared_prefix, window):
+    """The compiled BlockMask builder (the CUDA default), on rows of two lengths (the second compiles
+    with a symbolic length): each 128 x 128 block is listed exactly when the dense mask allows some
+    pair in it, and the kernel's full-block lists equal eager create_block_mask's."""
+    from model.masks import document_block_mask, document_mask
+
+    for docs in ([0] * 150 + [1] * 200 + [2] * 90 + [-1] * 60, [0] * 300 + [1] * 400 + [2] * 100 + [-1] * 20):
+        T = len(docs)
+        doc_ids = torch.tensor([docs, [0] * 200 + [1] * (T - 210) + [-1] * 10])  # two rows, other boundaries
+        got = document_block_mask(doc_ids, window, shared_prefix, compiled=True)
+        eager = document_block_mask(doc_ids, window, shared_prefix, compiled=False)
+        dense = document_mask(doc_ids, window, shared_prefix)[:, 0]  # (B, T, T)
+        n = -(-T // 128)
+        padded = torch.nn.functional.pad(dense, (0, n * 128 - T, 0, n * 128 - T))
+        any_in_block = padded.reshape(2, n, 128, n, 128).any(dim=(2, 4))  # (B, q blocks, kv blocks)
+        assert torch.equal(got.to_dense()[:, 0].bool(), any_in_block)
+        for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+            assert torch.equal(getattr(got, name), getattr(eager, name)), name

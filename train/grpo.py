@@ -45,6 +45,7 @@ from checkpoints.peft import export_lora
 from model.generate import RolloutEngine
 from model.gpt import GPT
 from model.lora import apply_lora, disable_lora, freeze_base, init_lora_weights
+from model.masks import packed_mask
 from model.tokenizer import Tokenizer
 from train.batching import ChatBatches
 from train.config import (
@@ -303,13 +304,14 @@ def main(cfg: GRPOConfig, reward_funcs: list[Callable] | None = None) -> dict:
         # log-probs aligned with the targets they scored.
         t0 = time.perf_counter()
         micro_batches, normaliser = [], torch.zeros((), device=dist.device)
+        advantages_dev, in_loss_dev = advantages.to(dist.device), in_loss.to(dist.device)
         for start in range(0, len(completions), cfg.micro_batch):
             rows_mb = range(start, start + cfg.micro_batch)
             batch = completion_batch([prompt_ids[i] for i in rows_mb], [completions[i] for i in rows_mb],
                                      [sampler_logps[i] for i in rows_mb], tokenizer.pad_id or 0, dist.device,
                                      cfg.grpo.share_prompt, [entropies[i] for i in rows_mb])
-            batch["advantages"] = advantages[start:start + cfg.micro_batch].to(dist.device)
-            batch["loss_mask"] = batch["completion_mask"] & in_loss[start:start + cfg.micro_batch, None].to(dist.device)
+            batch["advantages"] = advantages_dev[start:start + cfg.micro_batch]
+            batch["loss_mask"] = batch["completion_mask"] & in_loss_dev[start:start + cfg.micro_batch, None]
             if cfg.grpo.beta:
                 with torch.no_grad(), autocast(cfg.parallel, dist), disable_lora(ref_model or model):
                     batch["ref_logps"] = completion_logps(ref_model or model, batch, cfg.grpo.temperature)
@@ -480,10 +482,13 @@ def import_function(path: str) -> Callable:
 
 def completion_logps(model, batch, temperature: float) -> torch.Tensor:
     """Per-token log-probs of each completion's tokens (N, C), 0 past its end, under softmax(logits /
-    temperature), through the chunked per-token head over completion_batch's rows."""
-    token_logps = model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch.get("document_ids"),
-                        shared_prefix="document_ids" in batch, targets=batch["targets"], logprobs=True,
-                        temperature=temperature)  # (R, T), 0 where not scored
+    temperature), through the chunked per-token head over completion_batch's rows (attn_mask: the
+    shared-prefix mask of its document_ids, built on the first call and kept in the batch for the others:
+    the reference's forward and every training pass; rows of one completion each are plainly causal)."""
+    if "document_ids" in batch and "attn_mask" not in batch:
+        batch["attn_mask"] = packed_mask(batch["document_ids"], model.config.sliding_window, shared_prefix=True)
+    token_logps = model(batch["input_ids"], position_ids=batch["position_ids"], attn_mask=batch.get("attn_mask"),
+                        targets=batch["targets"], logprobs=True, temperature=temperature)  # (R, T), 0 where not scored
     return token_logps.flatten()[batch["index"]] * batch["completion_mask"]
 
 

@@ -131,4 +131,7 @@ def completion_batch(prompts: list[list[int]], completions: list[list[int]], sam
         batch["old_logps"][i, :len(c)] = torch.tensor(sampler_logps[i], dtype=torch.float32)
         if sampler_entropies is not None:
             batch["entropies"][i, :len(c)] = torch.tensor(sampler_entropies[i], dtype=torch.float32)
-    return {k: v.to(device) for k, v in batch.items()}
+    # Pinned and asynchronous on CUDA: a plain copy would make the host wait for the GPU's queued work
+    # (the previous micro-batch's forward) before it could build the next micro-batch.
+    pin = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
