@@ -23,7 +23,8 @@ memory-bandwidth limit inside the training process (no second inference server, 
 
 - A static KV cache and static per-row state, allocated once and reused by every call.
 - Prefill: every prompt token but the last goes through the model in one eager forward (rows in
-  chunks). The decode step then feeds the last column of every row, samples one token, and handles
+  chunks), each distinct prompt once (GRPO samples G completions of each: their slots copy its cache
+  rows). The decode step then feeds the last column of every row, samples one token, and handles
   stops; it is the only place where tokens are sampled, and its shapes never change: the write
   column is a device tensor, and so is the attention mask that hides the columns not written yet.
   On CUDA attention runs FlexAttention's decoding kernel with a BlockMask that lists only the cache
@@ -611,16 +612,30 @@ class RolloutEngine:
                          torch.zeros_like(self._out_entropies[:b]), torch.zeros_like(self._out_len[:b]))
         self._step.zero_()
 
-        # ---- prefill: every column but the last, written into the cache at [0, P - 1)
+        # ---- prefill: every column but the last, written into the cache at [0, P - 1). A prompt that
+        # appears several times (GRPO's G completions of each) goes through the model once: the distinct
+        # prompts fill rows [0, u), then every slot takes the rows of its prompt (one gather per layer).
+        # Padding slots need none: they start finished and attend only to columns from P - 1 on.
         if P > 1:
-            valid = torch.arange(P - 1, device=dev)[None, :] >= self._pad_len[:b, None]  # (b, P - 1)
+            first_slot = {}  # each distinct prompt -> the first slot holding it, in slot order
+            for slot, p in enumerate(prompts):
+                first_slot.setdefault(tuple(p), slot)
+            row_of = {p: r for r, p in enumerate(first_slot)}  # its row of the prefill
+            distinct = torch.tensor(list(first_slot.values()), device=dev)  # (u,)
+            u = len(distinct)
+            pad_len = self._pad_len[distinct]  # (u,)
+            valid = torch.arange(P - 1, device=dev)[None, :] >= pad_len[:, None]  # (u, P - 1)
             positions = (valid.long().cumsum(dim=-1) - 1).clamp(min=0)
-            for r in range(0, b, self.prefill_rows):
-                rows = slice(r, min(b, r + self.prefill_rows))
+            for r in range(0, u, self.prefill_rows):
+                rows = slice(r, min(u, r + self.prefill_rows))
                 view = self.cache.rows(rows.start, rows.stop)  # pos 0, a plain slice write
                 mask = causal_mask(valid[rows], P - 1, self.cfg.sliding_window)  # (rows, 1, P-1, P-1)
-                self.net(ids[rows, :-1], position_ids=positions[rows], attn_mask=mask, cache=view,
+                self.net(ids[distinct[rows], :-1], position_ids=positions[rows], attn_mask=mask, cache=view,
                          logits_to_keep=1)
+            if u < n:
+                index = torch.tensor([row_of[tuple(p)] for p in prompts], device=dev)  # (n,) each slot's row
+                for buf in (*self.cache.k, *self.cache.v):  # the right side is gathered before it is written
+                    buf[:n, :, : P - 1] = buf[index, :, : P - 1]
         self._pos.fill_(P - 1)
 
         # ---- decode: one step per new token, compacting finished rows away now and then

@@ -520,3 +520,35 @@ def test_argmax_rows_equals_argmax_with_ties_and_ragged_width():
         x[1, 2:] = float("-inf")
         assert torch.equal(gen.argmax_rows(x), x.argmax(dim=-1))
         assert torch.equal(gen.argmax_rows(x, parts=7), x.argmax(dim=-1))
+
+
+def test_engine_prefills_a_repeated_prompt_once_and_every_copy_continues_it(stories, monkeypatch):
+    """GRPO's rollouts: G copies of each prompt. The distinct prompts go through the prefill once and
+    their cache rows are copied to every slot; greedy copies equal the simple path, and sampled copies
+    differ from each other while their log-probs are a teacher-forced forward's."""
+    ours, _ = stories
+    p1, p2, p3 = _random_prompts(512, [9, 4, 12], seed=6)
+    prompts = [p1, p1, p1, p2, p3, p3]  # 6 slots of bucket 8: two padding slots, no prefill for them
+    engine = _engine(ours)
+    engine.generate(_random_prompts(512, [12] * 8, seed=7), 24)  # stale cache rows everywhere
+    expected = generate(ours, prompts, 20)
+    prefilled = []
+    net_forward = engine.net.forward
+
+    def counting(ids, *args, **kw):
+        if ids.shape[1] > 1:
+            prefilled.append(ids.shape[0])
+        return net_forward(ids, *args, **kw)
+
+    monkeypatch.setattr(engine.net, "forward", counting)
+    assert engine.generate(prompts, 20) == expected
+    assert prefilled == [3]  # the prefill's rows: the three distinct prompts
+    tokens, logprobs = engine.generate(prompts, 20, temperature=1.0, seed=3, return_logprobs=True)
+    assert len({tuple(t) for t in tokens[:3]}) > 1
+    for prompt, new, lp in zip(prompts, tokens, logprobs):
+        ids = torch.tensor([prompt + new])
+        targets = torch.full_like(ids, -100)
+        targets[0, len(prompt) - 1 : -1] = torch.tensor(new)
+        with torch.no_grad():
+            teacher = ours(ids, targets=targets, logprobs=True)[0, len(prompt) - 1 : -1]
+        torch.testing.assert_close(torch.tensor(lp), teacher, rtol=0, atol=1e-4)
