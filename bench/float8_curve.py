@@ -125,6 +125,11 @@ def main():
     verdict = "within" if abs(gaps[worst]) <= args.tolerance else "OUTSIDE"
     print(f"smoothed loss, float8 - bf16: largest gap {gaps[worst]:+.4f} at step {steps[worst]}, mean "
           f"{sum(gaps) / len(gaps):+.4f} ({verdict} the tolerance of {args.tolerance} nats)")
+    warmup = min(20, args.steps // 4)  # run_flags' learning-rate warmup, where the loss falls fastest
+    late = [i for i, s in enumerate(steps) if s > warmup] or list(range(len(steps)))
+    worst_late = max(late, key=lambda i: abs(gaps[i]))
+    print(f"  after the warmup (step > {warmup}): largest gap {gaps[worst_late]:+.4f} at step {steps[worst_late]}, "
+          f"mean {sum(gaps[i] for i in late) / len(late):+.4f}")
     print(f"final val loss: bf16 {runs['bf16']['val_loss']:.4f}, float8 {runs['float8']['val_loss']:.4f}")
     after = min(20, len(steps) // 2)
     tps = {name: tokens_per_s(r["train"], args.batch * args.seq_len, after) for name, r in runs.items()}
