@@ -142,8 +142,10 @@ def attention_backends(cfg, L, batches, bandwidth):
             compiled = torch.compile(flex_step, dynamic=False)
             name = "flex " + (",".join(f"{k}={v}" for k, v in options.items()) or "default")
             try:
-                for _ in range(2):
-                    compiled(q_heads, k, v, pad_len, pos)
+                # One code object compiled per option and batch: more versions than dynamo's default 8.
+                with torch._dynamo.config.patch(recompile_limit=64):
+                    for _ in range(2):
+                        compiled(q_heads, k, v, pad_len, pos)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     for _ in range(10):
