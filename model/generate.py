@@ -72,8 +72,9 @@ memory-bandwidth limit inside the training process (no second inference server, 
 
 Deliberately left out: beam search, repetition penalties, speculative decoding, paged attention and
 continuous batching (refill), and a decode attention kernel of our own (FlexAttention's takes about
-a tenth of a step at batch 64; most of the rest goes to the matmuls, the small ones well below the
-bandwidth, and to the launch latency of about ten kernels a layer: bench/RESULTS.md).
+a fifth of a step at batch 64 in the middle of a call, some twice the time its cache reads need; most
+of the rest goes to the matmuls, the small ones well below the bandwidth, and to the launch latency
+of about ten kernels a layer: bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -617,12 +618,12 @@ class RolloutEngine:
         # prompts fill rows [0, u), then every slot takes the rows of its prompt (one gather per layer).
         # Padding slots need none: they start finished and attend only to columns from P - 1 on.
         if P > 1:
-            first_slot = {}  # each distinct prompt -> the first slot holding it, in slot order
+            row_of, first_slots = {}, []  # each distinct prompt's row of the prefill; the slot it is read from
             for slot, p in enumerate(prompts):
-                first_slot.setdefault(tuple(p), slot)
-            row_of = {p: r for r, p in enumerate(first_slot)}  # its row of the prefill
-            distinct = torch.tensor(list(first_slot.values()), device=dev)  # (u,)
-            u = len(distinct)
+                if tuple(p) not in row_of:
+                    row_of[tuple(p)] = len(first_slots)
+                    first_slots.append(slot)
+            distinct, u = torch.tensor(first_slots, device=dev), len(first_slots)  # (u,)
             pad_len = self._pad_len[distinct]  # (u,)
             valid = torch.arange(P - 1, device=dev)[None, :] >= pad_len[:, None]  # (u, P - 1)
             positions = (valid.long().cumsum(dim=-1) - 1).clamp(min=0)
