@@ -235,6 +235,8 @@ def main():
                    help="only profile one decode step at this batch size (section 4), then stop")
     p.add_argument("--step_compile_mode", default=None,
                    help="torch.compile mode for the decode step (e.g. max-autotune-no-cudagraphs: tunes the matmuls)")
+    p.add_argument("--decode_split_kv", type=int, default=None,
+                   help="RolloutEngine's decode_split_kv for our rows (default: the engine's rule; 0: the kernel's)")
     args = p.parse_args()
     import transformers
 
@@ -278,7 +280,7 @@ def main():
     engines, sampling = {}, dict(temperature=1.0)
 
     def engine_for(b, **options):
-        engine = RolloutEngine(ours, b, P, N, **options)
+        engine = RolloutEngine(ours, b, P, N, **{"decode_split_kv": args.decode_split_kv, **options})
         if args.step_compile_mode and engine.compile:
             engine._step_fn = torch.compile(engine._step_fn._torchdynamo_orig_callable, fullgraph=True,
                                             dynamic=False if engine.flex_decode else None, mode=args.step_compile_mode)
@@ -325,12 +327,17 @@ def main():
             assert sum(map(len, out)) == b * N
             row("ours (static cache, graphs)", b, b * N, seconds, mem)
             print(f"#   warm-up (compile + capture of {len(engine._graphs)} graphs): {warmup:.1f}s", flush=True)
-        # What FlexAttention's decode kernel and the snapshot's fused layers gain, at the middle batch.
-        for name, options in (("ours, SDPA over the whole cache", dict(flex_decode=False)),
-                              ("ours, no snapshot (unfused)", dict(snapshot=False))):
+        # What FlexAttention's decode kernel, its cache split and the snapshot's fused layers gain: at the
+        # middle batch, the split wherever the engine overrides the kernel's own rule.
+        middle = batches[len(batches) // 2]
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+        variants = [("ours, SDPA over the whole cache", dict(flex_decode=False), middle),
+                    ("ours, no snapshot (unfused)", dict(snapshot=False), middle)]
+        variants += [("ours, the decode kernel's own split", dict(decode_split_kv=0), b) for b in batches
+                     if b * cfg.num_kv_heads >= sm_count > 0]
+        for name, options, b in variants:
             if device.type != "cuda" or elapsed() > args.deadline_s:
                 continue
-            b = batches[len(batches) // 2]
             baseline = allocated()
             variant = engine_for(b, **options)
             variant.generate(prompts[:b], 8, seed=0, **sampling)

@@ -90,7 +90,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from model.gpt import GPT, KVCache
+from model.gpt import GPT, Attention, KVCache
 from model.lora import LoRALinear, is_nf4, lora_delta
 from model.masks import causal_mask, decode_block_mask
 
@@ -390,6 +390,17 @@ class _Slots:
         self.is_stop = engine._is_stop  # (V,) True at the stop ids
 
 
+def flex_decode_kernel_options(batch: int, kv_heads: int, sm_count: int, split_kv: int | None) -> dict | None:
+    """FlexAttention's decoding kernel runs one thread block per (row, kv head, part of the cache), and
+    its own rule cuts each row's cache into sm_count // (batch x kv_heads) x 2 parts, at least one:
+    from batch x kv_heads >= sm_count on, one block reads a row's whole cache. There two parts measured
+    18% faster (an H200, batch 64, 8 kv heads, 288 columns written: bench/RESULTS.md), more were slower.
+    split_kv None: that choice; 0: the kernel's rule; n: n parts."""
+    if split_kv is None:
+        split_kv = 2 if batch * kv_heads >= sm_count > 0 else 0
+    return {"SPLIT_KV": split_kv} if split_kv else None
+
+
 def decode_step(model: GPT, cache: KVCache, s: _Slots, noise: Tensor | None, temperature: float,
                 top_k: int | None, top_p: float | None, pad_id: int, window: int | None, flex: bool) -> None:
     """One token for every row of a bucket, everything on the device and in place: the forward of
@@ -436,6 +447,8 @@ class RolloutEngine:
     fuse_projections: the snapshot's q/k/v and gate/up as one matmul each (default: on CUDA).
     flex_decode: decode attention through FlexAttention's decoding kernel over the written cache
     blocks only (default: on CUDA); otherwise SDPA over the whole cache with an additive mask.
+    decode_split_kv: how many parts that kernel splits each row's cache into (see
+    flex_decode_kernel_options); None: 2 where the kernel's own rule gives 1; 0: the kernel's rule.
     """
 
     def __init__(
@@ -454,6 +467,7 @@ class RolloutEngine:
         snapshot: bool | None = None,
         fuse_projections: bool | None = None,
         flex_decode: bool | None = None,
+        decode_split_kv: int | None = None,
     ):
         weight = model.embed_tokens.weight
         self.model, self.cfg = model, model.config
@@ -498,6 +512,8 @@ class RolloutEngine:
         if flex_decode is None:
             flex_decode = cuda and self.cfg.head_dim >= 16 and torch.cuda.get_device_capability(self.device) >= (8, 0)
         self.flex_decode = flex_decode
+        self.decode_split_kv = decode_split_kv
+        self._sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
         # FlexAttention's decoding kernel needs a static batch size: with it, each bucket compiles
         # its own step (about 25 s each for llama-3.2-1b on an H200; see the limit in _run_step);
         # without it, one step with a symbolic batch serves every bucket.
@@ -672,6 +688,11 @@ class RolloutEngine:
             for t in (*cache.k, *cache.v, *(getattr(s, name) for name in _Slots.PER_SLOT), noise):
                 if t is not None:
                     torch._dynamo.maybe_mark_dynamic(t, 0)
+        if self.flex_decode:  # read while compiling (the option is part of the bucket's kernel) or running eager
+            options = flex_decode_kernel_options(b, self.cfg.num_kv_heads, self._sm_count, self.decode_split_kv)
+            for module in self.net.modules():
+                if isinstance(module, Attention):
+                    module.decode_kernel_options = options
         # Each bucket, sampling setting and network is a compiled version of this one function, and
         # engines in one process share them: more than dynamo's default 8, past which it would run
         # the step eager (and the CUDA-graph capture of an eager step fails).

@@ -149,6 +149,10 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    # FlexAttention kernel options for one-token calls (decode steps); the rollout engine sets them per
+    # batch size on the network it decodes with. None: the kernel's own choices.
+    decode_kernel_options: dict | None = None
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
@@ -182,7 +186,8 @@ class Attention(nn.Module):
         if BlockMask is not None and isinstance(mask, BlockMask):
             # One dtype for all three: under autocast RoPE leaves q and k in float32 (SDPA casts them
             # itself; FlexAttention's kernel refuses mixed dtypes).
-            y = fused_flex_attention(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask, enable_gqa=gqa)
+            y = fused_flex_attention(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask, enable_gqa=gqa,
+                                     kernel_options=self.decode_kernel_options if T == 1 else None)
         elif isinstance(mask, Tensor) and T == 1 and gqa and mask.shape[1] == 1:
             # One query per row (a decode step): the H/K query heads that share a key/value head
             # become H/K queries of that head, so SDPA needs no GQA and keeps a fused kernel. With a

@@ -319,7 +319,8 @@ def test_engine_captured_equals_eager_greedy():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_engine_flex_decode_equals_sdpa_and_the_simple_path(dtype):
     """FlexAttention's decoding kernel (compiled, captured, reading only the written cache blocks)
-    against SDPA over the whole cache (captured too), the same engine eager, and the simple path, greedy over
+    against SDPA over the whole cache (captured too), the same engine eager, the kernel splitting each row's
+    cache in two, and the simple path, greedy over
     a cache of two blocks. stories260K's head size (8) is below what FlexAttention takes, so this
     runs the tiny preset (head size 16) with random weights: rows agree up to near-ties."""
     from model.config import ModelConfig
@@ -332,6 +333,8 @@ def test_engine_flex_decode_equals_sdpa_and_the_simple_path(dtype):
     engine = RolloutEngine(model, 16, 16, 160)
     assert engine.flex_decode and engine.cuda_graphs
     flex = engine.generate(ENGINE_PROMPTS, 160)
+    # Each row's cache read by two thread blocks and combined (what the engine picks at large batches).
+    split = RolloutEngine(model, 16, 16, 160, decode_split_kv=2).generate(ENGINE_PROMPTS, 160)
     sdpa = RolloutEngine(model, 16, 16, 160, flex_decode=False).generate(ENGINE_PROMPTS, 160)
     simple = generate(model, ENGINE_PROMPTS, 160)
     # Eager (as an FSDP2 policy without a snapshot decodes): FlexAttention compiled on its own.
@@ -339,8 +342,8 @@ def test_engine_flex_decode_equals_sdpa_and_the_simple_path(dtype):
     tol = 1e-3 if dtype == torch.float32 else 0.15
     if dtype == torch.float32:  # the kernels round differently, but near-ties in float32 are rare
         assert sum(a == b for a, b in zip(flex, sdpa)) >= len(flex) // 2
-    for p, a, b, c, d in zip(ENGINE_PROMPTS, flex, sdpa, simple, eager):
-        for other in (b, c, d):
+    for p, a, b, c, d, e in zip(ENGINE_PROMPTS, flex, sdpa, simple, eager, split):
+        for other in (b, c, d, e):
             assert _first_difference_is_near_tie(model, p, a, other, tol), (p, a, other)
 
 
