@@ -20,9 +20,9 @@ max_seq_len: the benchmark raises it (RoPE has no table to outgrow).
 Each length runs in its own process (fresh CUDA memory and compile), bounded by --timeout_s; a row reports
 tokens/s and MFU of the timed step, the peak of torch.cuda.max_memory_allocated (and what the allocator
 reserved), the process's peak host memory (offloaded activations live there), and whether it fit. Attention's
-FLOPs grow with T^2: one step of the 1B at 524,288 tokens is ~6e16 model FLOPs (93% of them attention), about
-3 minutes on an H200 at the 32% MFU measured at 131,072, so such a length wants a command (and a --timeout_s)
-of its own; --steps 1 still reports its peak memory, its time then including the compile.
+FLOPs grow with T^2: one step of the 1B at 524,288 tokens is ~6e16 model FLOPs (93% of them attention), 236 s
+on an H200 with its compile (bench/RESULTS.md), so such a length wants a command (and a --timeout_s) of its
+own; --steps 1 still reports its peak memory, its time then including the compile.
 
 --check_loss_at T trains one step at T tokens twice, in two processes, with the options off (activation
 checkpointing and compile only) and on, and compares the loss and the gradient norm: the chunked MLP and

@@ -72,7 +72,7 @@ memory-bandwidth limit inside the training process (no second inference server, 
 
 Deliberately left out: beam search, repetition penalties, speculative decoding, paged attention and
 continuous batching (refill), and a decode attention kernel of our own (FlexAttention's takes about
-a fifth of a step at batch 64 in the middle of a call, some twice the time its cache reads need; most
+a sixth of a step at batch 64 in the middle of a call, some 1.7 times what its cache reads need; most
 of the rest goes to the matmuls, the small ones well below the bandwidth, and to the launch latency
 of about ten kernels a layer: bench/RESULTS.md).
 """
@@ -393,11 +393,13 @@ class _Slots:
 def flex_decode_kernel_options(batch: int, kv_heads: int, sm_count: int, split_kv: int | None) -> dict | None:
     """FlexAttention's decoding kernel runs one thread block per (row, kv head, part of the cache), and
     its own rule cuts each row's cache into sm_count // (batch x kv_heads) x 2 parts, at least one:
-    from batch x kv_heads >= sm_count on, one block reads a row's whole cache. There two parts measured
-    18% faster (an H200, batch 64, 8 kv heads, 288 columns written: bench/RESULTS.md), more were slower.
-    split_kv None: that choice; 0: the kernel's rule; n: n parts."""
+    from batch x kv_heads >= sm_count on, one block reads a row's whole cache. Measured on an H200
+    (132 SMs, 8 kv heads, 288 columns written; bench/RESULTS.md), two parts are 18% faster at batch 64
+    (512 blocks: under 4 waves of the SMs) and 5% slower at batch 256 (2048 blocks), so the engine
+    splits in two only while one part per (row, head) fills fewer than 4 waves.
+    split_kv None: that choice; 0: the kernel's own rule; n: n parts."""
     if split_kv is None:
-        split_kv = 2 if batch * kv_heads >= sm_count > 0 else 0
+        split_kv = 2 if sm_count <= batch * kv_heads < 4 * sm_count else 0
     return {"SPLIT_KV": split_kv} if split_kv else None
 
 
