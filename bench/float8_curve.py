@@ -163,8 +163,8 @@ def main():
               f"{verdict} max(tolerance, seed-to-seed) = {allowed:.4f}")
     print(f"final val loss: bf16 {runs['bf16']['val_loss']:.4f}, float8 {runs['float8']['val_loss']:.4f} "
           f"({runs['float8']['val_loss'] - runs['bf16']['val_loss']:+.4f})"
-          + (f", {reseed} {runs['reseed']['val_loss']:.4f} ({runs['reseed']['val_loss'] - runs['bf16']['val_loss']:+.4f})"
-             if c else ""))
+          + (f", {reseed} {runs['reseed']['val_loss']:.4f} "
+             f"({runs['reseed']['val_loss'] - runs['bf16']['val_loss']:+.4f})" if c else ""))
     after = min(20, len(steps) // 2)
     tps = {name: tokens_per_s(r["train"], args.batch * args.seq_len, after) for name, r in runs.items()}
     memory = {name: r["train"][steps[-1]].get("peak_mem_gib", float("nan")) for name, r in runs.items()}

@@ -514,6 +514,9 @@ class RolloutEngine:
         if flex_decode is None:
             flex_decode = cuda and self.cfg.head_dim >= 16 and torch.cuda.get_device_capability(self.device) >= (8, 0)
         self.flex_decode = flex_decode
+        if decode_split_kv is not None and decode_split_kv < 0:
+            raise ValueError(f"decode_split_kv must be None, 0 (the kernel's own rule) or a number of parts; "
+                             f"got {decode_split_kv}")
         self.decode_split_kv = decode_split_kv
         self._sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
         # FlexAttention's decoding kernel needs a static batch size: with it, each bucket compiles
