@@ -15,7 +15,9 @@ per micro-batch, and with all of them in one ("ours, one micro-batch": each prom
 completions; TRL's micro-batch is --micro_batch in every row); TRL with its default
 generation path (transformers generate); TRL with `cache_implementation="static"` (which fails on
 float32 weights under bf16 autocast: transformers allocates the static cache in the weights' dtype),
-and the same with the model loaded in bf16 (`model_init_kwargs`: bf16 weights, a different recipe).
+and the same with the model loaded in bf16 (`model_init_kwargs`: bf16 weights, a different recipe); TRL
+with transformers' paged continuous batching (`use_transformers_continuous_batching`, formerly
+`use_transformers_paged`).
 TRL 1.16 checkpoints activations by default (gradient_checkpointing); ours does not here. s/step is the
 mean over the steps after the first two (warm-up: compilation and graph capture); ours also prints
 the phase split its loop logs (generation, scoring, reference, training).
@@ -42,7 +44,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from dpo import _model_config, make_data  # noqa: E402  (the same text and tokenizer as the DPO bench)
 
 ROWS = [("ours", "ours", None), ("TRL default generate", "trl", None), ("TRL static cache", "trl", "static"),
-        ("TRL static, bf16 weights", "trl", "static-bf16"), ("ours, one micro-batch", "ours", "one")]
+        ("TRL static, bf16 weights", "trl", "static-bf16"), ("ours, one micro-batch", "ours", "one"),
+        ("TRL continuous batching", "trl", "continuous")]
 WARMUP = 3
 
 
@@ -113,7 +116,10 @@ def run_trl(args, data: Path, cache: str | None) -> dict:
                         num_generations=args.G, max_completion_length=args.completion_tokens,
                         max_steps=args.steps, learning_rate=1e-6, beta=0.04, bf16=cuda, use_cpu=not cuda,
                         logging_steps=1, save_strategy="no", report_to=[], temperature=1.0,
-                        cache_implementation=cache and cache.removesuffix("-bf16"), dataloader_num_workers=0,
+                        cache_implementation=cache.removesuffix("-bf16") if cache in ("static", "static-bf16") else None,
+                        dataloader_num_workers=0,
+                        # transformers' paged continuous batching (TRL's use_transformers_paged, renamed)
+                        use_transformers_continuous_batching=cache == "continuous",
                         model_init_kwargs={"dtype": torch.bfloat16} if cache and cache.endswith("-bf16") else None)
     times = []
 
@@ -154,6 +160,9 @@ def main() -> None:
                    "part, longest kernels, host operations; those steps are left out of s/step)")
     p.add_argument("--worker", nargs=3, metavar=("MODE", "CACHE", "DATA"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.steps < WARMUP + 2:
+        p.error(f"--steps must be at least {WARMUP + 2}: the first {WARMUP} warm up, and s/step is timed between "
+                "the ends of the later ones")
     if args.worker:
         mode, cache, data = args.worker
         if mode == "ours":  # "one": every completion of the step in one micro-batch (one row per prompt)
