@@ -450,7 +450,7 @@ class RolloutEngine:
     flex_decode: decode attention through FlexAttention's decoding kernel over the written cache
     blocks only (default: on CUDA); otherwise SDPA over the whole cache with an additive mask.
     decode_split_kv: how many parts that kernel splits each row's cache into (see
-    flex_decode_kernel_options); None: 2 where the kernel's own rule gives 1; 0: the kernel's rule.
+    flex_decode_kernel_options); None: that function's choice by batch size; 0: the kernel's own rule.
     """
 
     def __init__(

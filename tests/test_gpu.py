@@ -333,7 +333,7 @@ def test_engine_flex_decode_equals_sdpa_and_the_simple_path(dtype):
     engine = RolloutEngine(model, 16, 16, 160)
     assert engine.flex_decode and engine.cuda_graphs
     flex = engine.generate(ENGINE_PROMPTS, 160)
-    # Each row's cache read by two thread blocks and combined (what the engine picks at large batches).
+    # Each row's cache read by two thread blocks and combined (what the engine picks at batch 64 on an H200).
     split = RolloutEngine(model, 16, 16, 160, decode_split_kv=2).generate(ENGINE_PROMPTS, 160)
     sdpa = RolloutEngine(model, 16, 16, 160, flex_decode=False).generate(ENGINE_PROMPTS, 160)
     simple = generate(model, ENGINE_PROMPTS, 160)
