@@ -9,7 +9,8 @@ their group. Every parameter or LoRA / QLoRA adapters (`lora:`); one process or 
 A step: (every grpo.mu steps) take this rank's prompts, generate G completions each with the
 rollout engine (model/generate.py, in this process: no second server, no weight sync), score them
 with every reward function (weighted sum), compute group-relative advantages, keep the sampler's
-log-probs as the old policy's and the reference's log-probs when beta > 0; then the clipped
+log-probs as the old policy's and the reference's log-probs when beta > 0 (queued before the
+scoring, so the GPU runs the reference forward while the host runs the reward functions); then the clipped
 policy-ratio objective (algos/grpo.py) over the completions in micro-batches, each micro-batch's sum
 divided by the step's normaliser. Shao et al. 2024 (https://arxiv.org/abs/2402.03300), DeepSeek-AI
 2025 (https://arxiv.org/abs/2501.12948); DAPO's clip-higher and token-level loss, Dr. GRPO's
@@ -276,6 +277,22 @@ def main(cfg: GRPOConfig, reward_funcs: list[Callable] | None = None) -> dict:
             return_logprobs=True, return_entropies=True)
         times["generate"] = time.perf_counter() - t0
 
+        # Training micro-batches: prompt + completion, the completion's tokens scored, the sampler's
+        # log-probs aligned with the targets they scored. The reference's log-probs need no reward, so
+        # they are queued first: on a GPU the reference forward runs while the host scores the completions.
+        t0 = time.perf_counter()
+        micro_batches = []
+        for start in range(0, len(completions), cfg.micro_batch):
+            rows_mb = range(start, start + cfg.micro_batch)
+            batch = completion_batch([prompt_ids[i] for i in rows_mb], [completions[i] for i in rows_mb],
+                                     [sampler_logps[i] for i in rows_mb], tokenizer.pad_id or 0, dist.device,
+                                     cfg.grpo.share_prompt, [entropies[i] for i in rows_mb])
+            if cfg.grpo.beta:
+                with torch.no_grad(), autocast(cfg.parallel, dist), disable_lora(ref_model or model):
+                    batch["ref_logps"] = completion_logps(ref_model or model, batch, cfg.grpo.temperature)
+            micro_batches.append(batch)
+        reference_launch = time.perf_counter() - t0
+
         t0 = time.perf_counter()
         texts = [tokenizer.decode(c) for c in completions]
         rows = [p["row"] for p in prompts for _ in range(G)]
@@ -299,25 +316,14 @@ def main(cfg: GRPOConfig, reward_funcs: list[Callable] | None = None) -> dict:
             in_loss &= keep
         if cfg.grpo.mask_truncated:
             in_loss &= ~truncated
-
-        # Training micro-batches: prompt + completion, the completion's tokens scored, the sampler's
-        # log-probs aligned with the targets they scored.
-        t0 = time.perf_counter()
-        micro_batches, normaliser = [], torch.zeros((), device=dist.device)
+        normaliser = torch.zeros((), device=dist.device)
         advantages_dev, in_loss_dev = advantages.to(dist.device), in_loss.to(dist.device)
-        for start in range(0, len(completions), cfg.micro_batch):
-            rows_mb = range(start, start + cfg.micro_batch)
-            batch = completion_batch([prompt_ids[i] for i in rows_mb], [completions[i] for i in rows_mb],
-                                     [sampler_logps[i] for i in rows_mb], tokenizer.pad_id or 0, dist.device,
-                                     cfg.grpo.share_prompt, [entropies[i] for i in rows_mb])
+        for start, batch in zip(range(0, len(completions), cfg.micro_batch), micro_batches):
             batch["advantages"] = advantages_dev[start:start + cfg.micro_batch]
             batch["loss_mask"] = batch["completion_mask"] & in_loss_dev[start:start + cfg.micro_batch, None]
-            if cfg.grpo.beta:
-                with torch.no_grad(), autocast(cfg.parallel, dist), disable_lora(ref_model or model):
-                    batch["ref_logps"] = completion_logps(ref_model or model, batch, cfg.grpo.temperature)
             normaliser += NORMALISERS[cfg.grpo.loss_type](batch["loss_mask"], cfg.grpo.max_completion_len)
-            micro_batches.append(batch)
-        times["reference"] = seconds_since(t0, dist.device)  # its GPU work done: not counted as training's
+        # The reference phase: queueing it, and whatever of its GPU work outlasted the scoring.
+        times["reference"] = reference_launch + seconds_since(time.perf_counter(), dist.device)
         model.train()
 
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
