@@ -207,7 +207,7 @@ def main() -> None:
         print(f"| {name:22s} | {r['s_per_step']:.2f} | {tokens / r['s_per_step']:,.0f} | {cols} | {r['peak_gib']:.1f} |",
               flush=True)
     for ours in ("ours", "ours, one micro-batch"):
-        for name in ("TRL default generate", "TRL static cache", "TRL static, bf16 weights"):
+        for name in (name for name, mode, _ in ROWS if mode == "trl"):
             if ours in results and name in results:
                 print(f"{ours} vs {name}: {results[name] / results[ours]:.1f}x faster per step")
 

@@ -519,6 +519,7 @@ class RolloutEngine:
                              f"got {decode_split_kv}")
         self.decode_split_kv = decode_split_kv
         self._sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
+        self._attention = [m for m in self.net.modules() if isinstance(m, Attention)]  # where those options go
         # FlexAttention's decoding kernel needs a static batch size: with it, each bucket compiles
         # its own step (about 25 s each for llama-3.2-1b on an H200; see the limit in _run_step);
         # without it, one step with a symbolic batch serves every bucket.
@@ -639,11 +640,13 @@ class RolloutEngine:
         # prompts fill rows [0, u), then every slot takes the rows of its prompt (one gather per layer).
         # Padding slots need none: they start finished and attend only to columns from P - 1 on.
         if P > 1:
-            row_of, first_slots = {}, []  # each distinct prompt's row of the prefill; the slot it is read from
+            # Per distinct prompt: its prefill row, and the first slot holding it; per slot: its prompt's row.
+            row_of, first_slots, slot_rows = {}, [], []
             for slot, p in enumerate(prompts):
-                if tuple(p) not in row_of:
-                    row_of[tuple(p)] = len(first_slots)
+                row = row_of.setdefault(tuple(p), len(first_slots))
+                if row == len(first_slots):
                     first_slots.append(slot)
+                slot_rows.append(row)
             distinct, u = torch.tensor(first_slots, device=dev), len(first_slots)  # (u,)
             pad_len = self._pad_len[distinct]  # (u,)
             valid = torch.arange(P - 1, device=dev)[None, :] >= pad_len[:, None]  # (u, P - 1)
@@ -655,7 +658,7 @@ class RolloutEngine:
                 self.net(ids[distinct[rows], :-1], position_ids=positions[rows], attn_mask=mask, cache=view,
                          logits_to_keep=1)
             if u < n:
-                index = torch.tensor([row_of[tuple(p)] for p in prompts], device=dev)  # (n,) each slot's row
+                index = torch.tensor(slot_rows, device=dev)  # (n,)
                 for buf in (*self.cache.k, *self.cache.v):  # the right side is gathered before it is written
                     buf[:n, :, : P - 1] = buf[index, :, : P - 1]
         self._pos.fill_(P - 1)
@@ -695,8 +698,8 @@ class RolloutEngine:
                     torch._dynamo.maybe_mark_dynamic(t, 0)
         if self.flex_decode:  # read while compiling (the option is part of the bucket's kernel) or running eager
             options = flex_decode_kernel_options(b, self.cfg.num_kv_heads, self._sm_count, self.decode_split_kv)
-            for module in self.net.modules():
-                if isinstance(module, Attention):
+            if self._attention[0].decode_kernel_options != options:  # changes with the bucket only
+                for module in self._attention:
                     module.decode_kernel_options = options
         # Each bucket, sampling setting and network is a compiled version of this one function, and
         # engines in one process share them: more than dynamo's default 8, past which it would run
